@@ -1,0 +1,185 @@
+"""Shared layers for the Stable Diffusion modules.
+
+Parameter names mirror the diffusers/transformers checkpoint keys (`weight`, `bias`), so a module's
+state path joined with dots *is* the checkpoint key. Each layer records how its torch tensors map onto
+ours in `TORCH_LAYOUT` (see `sega_jax.weights`). Images are NHWC, XLA's native layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sega_jax.models.attention import dot_product_attention
+
+Array = jax.Array
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Conv2d(nnx.Module):
+    """torch.nn.Conv2d on NHWC inputs; `weight` is HWIO (torch's OIHW transposed on load)."""
+
+    TORCH_LAYOUT = {"weight": "conv", "bias": "identity"}
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int | tuple[tuple[int, int], tuple[int, int]] = 0, bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        fan_in = in_channels * kernel_size * kernel_size
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.weight = nnx.Param(_normal(rngs, shape, 1 / math.sqrt(fan_in), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), dtype)) if bias else None
+        self.stride = stride
+        self.padding = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+
+    def __call__(self, x: Array) -> Array:
+        w = self.weight[...]
+        y = jax.lax.conv_general_dilated(
+            x.astype(w.dtype), w, (self.stride, self.stride), self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Linear(nnx.Module):
+    """torch.nn.Linear; `weight` is (in, out) (torch's (out, in) transposed on load)."""
+
+    TORCH_LAYOUT = {"weight": "linear", "bias": "identity"}
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (in_features, out_features), 1 / math.sqrt(in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        w = self.weight[...]
+        y = jnp.matmul(x.astype(w.dtype), w)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    TORCH_LAYOUT = {"weight": "identity"}
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (num_embeddings, features), 0.02, dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm over the channel (last) axis; statistics in fp32."""
+
+    TORCH_LAYOUT = {"weight": "identity", "bias": "identity"}
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
+        self.weight = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+        self.num_groups = num_groups
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        shape = x.shape
+        grouped = x.astype(jnp.float32).reshape(*shape[:-1], self.num_groups, shape[-1] // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.weight.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis; statistics in fp32."""
+
+    TORCH_LAYOUT = {"weight": "identity", "bias": "identity"}
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.weight.dtype)
+
+
+class Attention(nnx.Module):
+    """diffusers' `Attention` (to_q, to_k, to_v, to_out.0) on token sequences (B, L, C)."""
+
+    def __init__(self, query_dim: int, *, heads: int, dim_head: int, context_dim: int | None = None,
+                 qkv_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.to_q = Linear(query_dim, inner, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = Linear(context_dim, inner, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = Linear(context_dim, inner, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+        self.heads = heads
+
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        context = x if context is None else context
+        b, lq, _ = x.shape
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, -1)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        out = dot_product_attention(q, k, v)
+        return self.to_out[0](out.reshape(b, lq, -1))
+
+
+class ResnetBlock2D(nnx.Module):
+    """diffusers' ResnetBlock2D with the `default` time-embedding norm (SD 1.x/2.x UNet and VAE)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
+                 eps: float, output_scale_factor: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+                              if temb_channels else None)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
+                              if in_channels != out_channels else None)
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = shortcut.astype(h.dtype) + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nnx.Module):
+    """Strided 3x3 conv. `padding=0` reproduces the VAE encoder's asymmetric (0, 1) pad."""
+
+    def __init__(self, channels: int, *, padding: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        pad = ((0, 1), (0, 1)) if padding == 0 else padding
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=pad, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)

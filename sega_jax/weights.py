@@ -84,7 +84,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise WeightLoadError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise WeightLoadError(f"{path}: corrupt safetensors file (header length {header_len} > file size)")
+            raise WeightLoadError(
+                f"{path}: corrupt safetensors file (header length {header_len} > file size)")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sega_jax.models.attention import dot_product_attention
@@ -180,6 +181,18 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: Array, size: tuple[int, int] | None = None) -> Array:
+        if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = _nearest_resize(x, size)
         return self.conv(x)
+
+
+def _nearest_resize(x: Array, size: tuple[int, int]) -> Array:
+    """torch's F.interpolate(mode="nearest", size=...): source index floor(dst * in / out)."""
+    for axis, out in zip((1, 2), size, strict=True):
+        n = x.shape[axis]
+        index = np.minimum(np.floor(np.arange(out) * np.float32(n / out)).astype(np.int32), n - 1)
+        x = jnp.take(x, index, axis=axis)
+    return x

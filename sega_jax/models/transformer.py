@@ -1,0 +1,86 @@
+"""diffusers' Transformer2DModel (continuous input) and BasicTransformerBlock, as the SD UNet uses them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear
+
+Array = jax.Array
+
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim: int, inner: int, *, dtype, rngs: nnx.Rngs):
+        self.proj = Linear(dim, inner * 2, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """`ff.net.0` is the GEGLU projection, `ff.net.2` the output (net.1 is dropout in torch)."""
+
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+        inner = 4 * dim
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), None,
+                             Linear(inner, dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: Array) -> Array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int, norm_eps: float = 1e-5,
+                 dtype, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(dim, eps=norm_eps, dtype=dtype)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, eps=norm_eps, dtype=dtype)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim_head, context_dim=context_dim, dtype=dtype,
+                               rngs=rngs)
+        self.norm3 = LayerNorm(dim, eps=norm_eps, dtype=dtype)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer: GroupNorm, proj_in (1x1 conv, or linear with `use_linear_projection`),
+    transformer blocks over the H*W tokens, proj_out, residual."""
+
+    def __init__(self, channels: int, *, heads: int, context_dim: int, num_layers: int, groups: int,
+                 use_linear_projection: bool, dtype, rngs: nnx.Rngs):
+        dim_head = channels // heads
+        inner = heads * dim_head
+        self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
+        self.use_linear_projection = use_linear_projection
+        if use_linear_projection:
+            self.proj_in = Linear(channels, inner, dtype=dtype, rngs=rngs)
+            self.proj_out = Linear(inner, channels, dtype=dtype, rngs=rngs)
+        else:
+            self.proj_in = Conv2d(channels, inner, 1, dtype=dtype, rngs=rngs)
+            self.proj_out = Conv2d(inner, channels, 1, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=context_dim,
+                                  dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        b, h, w, c = x.shape
+        hidden = self.norm(x)
+        # A 1x1 conv and a linear layer are the same map on NHWC tokens; only the weight layout differs.
+        hidden = self.proj_in(hidden.reshape(b, h * w, c) if self.use_linear_projection else hidden)
+        hidden = hidden.reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context)
+        if self.use_linear_projection:
+            hidden = self.proj_out(hidden).reshape(b, h, w, c)
+        else:
+            hidden = self.proj_out(hidden.reshape(b, h, w, -1))
+        return hidden + x.astype(hidden.dtype)

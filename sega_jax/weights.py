@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
+PICKLE_PREFIXES = ("diffusion_pytorch_model", "pytorch_model")
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -138,7 +139,7 @@ def find_weight_files(folder: str | os.PathLike, *, variant: str | None = None,
             return [single]
         if index.is_file():
             return _shards_from_index(index)
-    for prefix in WEIGHT_PREFIXES:
+    for prefix in PICKLE_PREFIXES:
         pickled = folder / _variant_name(f"{prefix}.bin", variant)
         if pickled.is_file():
             if not allow_pickle:
@@ -207,7 +208,11 @@ def assign_weights(model: nnx.Module, tensors: dict[str, tuple[np.ndarray, Path]
     for key, entry in tensors.items():
         if ignore is not None and ignore(key):
             continue
-        renamed[rename(key) if rename else key] = (key, *entry)
+        new_key = rename(key) if rename else key
+        if new_key in renamed:
+            raise WeightLoadError(f"{entry[1]}: tensors {renamed[new_key][0]!r} and {key!r} both map to "
+                                  f"parameter {new_key!r}")
+        renamed[new_key] = (key, *entry)
     missing = sorted(set(table) - set(renamed))
     if missing:
         raise WeightLoadError(f"{source}: missing tensor(s) {', '.join(missing[:8])}"
@@ -215,7 +220,8 @@ def assign_weights(model: nnx.Module, tensors: dict[str, tuple[np.ndarray, Path]
     unexpected = sorted(set(renamed) - set(table))
     if unexpected:
         files = sorted({str(renamed[k][2]) for k in unexpected})
-        raise WeightLoadError(f"{', '.join(files)}: unexpected tensor(s) {', '.join(unexpected[:8])}"
+        names = [renamed[k][0] for k in unexpected[:8]]
+        raise WeightLoadError(f"{', '.join(files)}: unexpected tensor(s) {', '.join(names)}"
                               + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
     for key, (param, kind) in table.items():
         original_key, array, path = renamed[key]

@@ -24,10 +24,18 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 _REGISTRY: list[type[SchedulerBase]] = []
 S = TypeVar("S", bound="SchedulerBase")
+StepIndex = int | jax.Array  # a Python int, or a traced int32 scalar inside jit / scan
+
+
+def _matches(value: Any, allowed: Any) -> bool:
+    # Flags compare by identity so that 1 is not taken for True.
+    if isinstance(value, bool) or isinstance(allowed, bool) or value is None or allowed is None:
+        return value is allowed
+    return value == allowed
 
 
 def _check(cls_name: str, key: str, value: Any, allowed: tuple) -> None:
-    if not any(value == a and type(value) is not bool or value is a for a in allowed):
+    if not any(_matches(value, a) for a in allowed):
         raise ValueError(f"{cls_name}: unsupported config value {key}={value!r}; supported: {list(allowed)}")
 
 
@@ -66,10 +74,10 @@ class SchedulerBase:
                 )
         else:
             _check(name, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        for key in ("num_train_timesteps", "steps_offset"):
+        for key, minimum in (("num_train_timesteps", 1), ("steps_offset", 0)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (key == "num_train_timesteps"):
-                raise ValueError(f"{name}: config value {key}={value!r} must be a non-negative integer")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}: config value {key}={value!r} must be an integer >= {minimum}")
         _check(name, "prediction_type", self.prediction_type, self._PREDICTION_TYPES)
         _check(name, "timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         self._validate()
@@ -99,7 +107,9 @@ class SchedulerBase:
             elif key not in cls._IGNORED and key not in known_config_keys():
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"{cls.__name__}.from_config ignores unknown config keys {sorted(unknown)}", stacklevel=2)
+            warnings.warn(
+                f"{cls.__name__}.from_config ignores unknown config keys {sorted(unknown)}", stacklevel=2
+            )
         if isinstance(kwargs.get("trained_betas"), (list, np.ndarray)):
             kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
         return cls(**kwargs)
@@ -156,7 +166,10 @@ def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) 
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [
-        min(1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps), max_beta)
+        min(
+            1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps),
+            max_beta,
+        )
         for i in range(num_diffusion_timesteps)
     ]
     return np.asarray(betas, np.float64).astype(np.float32)
@@ -204,15 +217,23 @@ def spaced_timesteps(cfg: SchedulerBase, n: int, round_linspace: bool) -> np.nda
     return np.round(np.arange(t_train, 0, -ratio)) - 1
 
 
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timestep of each sigma by log-linear interpolation (diffusers `_sigma_to_t`)."""
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma by log-linear interpolation (diffusers `_sigma_to_t`).
+
+    One sigma at a time, as diffusers calls it: numpy's vectorised float64 log can differ from the scalar one
+    in the last ulp, which moves a float32 timestep.
+    """
+    return np.array([_sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+
+
+def _sigma_to_t(sigma: np.floating, log_sigmas: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high_idx = low_idx + 1
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -226,13 +247,63 @@ def f32(x: np.ndarray | float) -> jax.Array:
     return jnp.asarray(np.asarray(x, np.float32))
 
 
+def div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a / b` for a scalar `b`, rounded as IEEE division like torch.
+
+    XLA rewrites `a / broadcast(b)` into `a * broadcast(1 / b)`, which is an ulp off for about half of the
+    elements; behind the barrier the divisor is an opaque full-size operand.
+    """
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def get_noise(shape: tuple[int, ...], key: jax.Array | None, noise: jax.Array | None, who: str) -> jax.Array:
     """The injected noise, else standard normal noise drawn from `key` (float32)."""
     if noise is not None:
         noise = jnp.asarray(noise, jnp.float32)
         if noise.shape != tuple(shape):
-            raise ValueError(f"{who}: noise has shape {noise.shape}, expected the sample's shape {tuple(shape)}")
+            raise ValueError(
+                f"{who}: noise has shape {noise.shape}, expected the sample's shape {tuple(shape)}"
+            )
         return noise
     if key is None:
         raise ValueError(f"{who} needs noise: pass `key` (a jax.random key) or `noise` (an array)")
     return jax.random.normal(key, shape, jnp.float32)
+
+
+# ---- k-diffusion style (sigma-parameterised) schedulers: LMS, Euler, Euler ancestral --------------------
+def interpolated_sigmas(cfg: SchedulerBase, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 timesteps, float64 sigmas at them, float32 log training sigmas), as LMS/Euler compute them."""
+    sigmas = train_sigmas(alphas_cumprod(cfg))
+    timesteps = spaced_timesteps(cfg, n, round_linspace=False).astype(np.float32)
+    return timesteps, np.interp(timesteps, np.arange(0, len(sigmas)), sigmas), np.log(sigmas)
+
+
+def sigma_init_noise(cfg: SchedulerBase, sigmas: np.ndarray) -> np.float32:
+    """diffusers' `init_noise_sigma` property of the sigma schedulers."""
+    max_sigma = sigmas.max()
+    if cfg.timestep_spacing in ("linspace", "trailing"):
+        return max_sigma
+    return np.sqrt(max_sigma * max_sigma + np.float32(1.0))
+
+
+def sigma_coefficients(sigmas: np.ndarray) -> dict[str, jax.Array]:
+    """Per-step float32 scalars for `scale_model_input` and the x0 prediction (sigmas: (N + 1,) float32)."""
+    s = sigmas[:-1]
+    s2p1 = s * s + np.float32(1.0)
+    return {
+        "sigmas": f32(sigmas),
+        "input_scale": f32(np.sqrt(s2p1)),
+        "c_out": f32(-s / np.sqrt(s2p1)),
+        "s2p1": f32(s2p1),
+    }
+
+
+def predict_x0(
+    prediction_type: str, x: jax.Array, e: jax.Array, sigma: jax.Array, c_out: jax.Array, s2p1: jax.Array
+) -> jax.Array:
+    """Denoised estimate from the model output as LMS/Euler write it; c_out = -sigma / sqrt(sigma^2 + 1)."""
+    if prediction_type == "epsilon":
+        return x - sigma * e
+    if prediction_type == "v_prediction":
+        return e * c_out + div(x, s2p1)
+    return e

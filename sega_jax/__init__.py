@@ -1,0 +1,9 @@
+"""sega-jax: Semantic Guidance for Stable Diffusion in JAX/Flax NNX."""
+
+from sega_jax.guidance import EditParams, sega_step
+from sega_jax.pipeline import SemanticStableDiffusionPipeline, SemanticStableDiffusionPipelineOutput
+from sega_jax.sampler import sega_sample
+
+__all__ = ["EditParams", "SemanticStableDiffusionPipeline", "SemanticStableDiffusionPipelineOutput",
+           "sega_sample", "sega_step"]
+__version__ = "0.1.0"

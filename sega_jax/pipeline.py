@@ -1,0 +1,305 @@
+"""SemanticStableDiffusionPipeline: diffusers' arguments, one compiled SEGA loop, all I/O on the host."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from sega_jax import pipeline_inputs as inputs
+from sega_jax.guidance import EditParams
+from sega_jax.models.clip import load_text_encoder
+from sega_jax.models.unet import load_unet
+from sega_jax.models.vae import load_vae
+from sega_jax.sampler import sega_sample
+from sega_jax.schedulers import load_scheduler, scheduler_from_name
+from sega_jax.tokenizer import load_tokenizer, tokenize
+from sega_jax.weights import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TRACE_COUNT = {"denoise": 0}  # how many times the denoising loop was traced (compiled); tests read it
+_HOST_HOOKS: list = []  # the running call's per-step host hook; a fixed function keeps the jit cache hot
+
+
+@dataclasses.dataclass
+class SemanticStableDiffusionPipelineOutput:
+    """diffusers' output (`images`, `nsfw_content_detected`) plus what diffusers keeps on the pipeline.
+
+    `sem_guidance` is (steps, B, 4, h, w) in diffusers' layout and can be passed back as the
+    `sem_guidance` argument; the estimates are filled when `return_estimates=True`.
+    """
+
+    images: Any
+    nsfw_content_detected: list[bool] | None
+    sem_guidance: np.ndarray | None = None
+    uncond_estimates: np.ndarray | None = None
+    text_estimates: np.ndarray | None = None
+    edit_estimates: np.ndarray | None = None
+    seed: int | None = None
+
+
+def _host_step(i, t, *latents) -> None:
+    if _HOST_HOOKS:
+        _HOST_HOOKS[-1](int(i), t, *latents)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "scheduler", "num_concepts", "do_cfg", "record", "host",
+                                             "emit_latents"))
+def _denoise(graph, state, scheduler, schedule, noise, context, params, image_keys, eta, replay, *,
+             num_concepts, do_cfg, record, host, emit_latents):
+    TRACE_COUNT["denoise"] += 1
+    unet = nnx.merge(graph, state)
+    return sega_sample(unet, scheduler, schedule, noise, context, params, num_concepts=num_concepts,
+                       do_cfg=do_cfg, image_keys=image_keys, eta=eta, replay=replay, record_estimates=record,
+                       on_step=_host_step if host else None, emit_latents=emit_latents)
+
+
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _encode_text(graph, state, ids):
+    return nnx.merge(graph, state)(ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _decode(graph, state, latents, scaling_factor):
+    image = nnx.merge(graph, state).decode(latents / scaling_factor)
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> Path:
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_hub_id}: not a diffusers pipeline folder (expected a folder with "
+                                f"{', '.join(COMPONENTS)}) nor a hub id like 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors" if not variant else f"*.{variant}.safetensors"]
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
+    except Exception as err:  # huggingface_hub raises many types for offline / missing repos
+        raise OSError(f"{path_or_hub_id}: could not download from the Hugging Face hub ({type(err).__name__}: "
+                      f"{err}). Offline? Pass a local diffusers folder instead, e.g. one saved with "
+                      "diffusers' `save_pretrained`.") from err
+
+
+class SemanticStableDiffusionPipeline:
+    """Stable Diffusion with semantic guidance; `__call__` takes diffusers' arguments (see the README)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker: bool = True):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
+        self._unet = nnx.split(unet)
+        self._vae = nnx.split(vae)
+        self._text = nnx.split(text_encoder)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._progress = {}
+        if safety_checker is None and requires_safety_checker:
+            logger.warning("You have disabled the safety checker for %s by passing `safety_checker=None`. "
+                           "Pass `requires_safety_checker=False` to silence this warning.", type(self).__name__)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=None, variant: str | None = None,
+                        allow_pickle: bool = False, requires_safety_checker: bool = True,
+                        **components) -> SemanticStableDiffusionPipeline:
+        """Load a diffusers-format pipeline folder (or a hub id, when online). `dtype` casts all weights
+        ("float32" default, "bfloat16", "float16"); components may be passed in to replace loaded ones."""
+        resolve_dtype(dtype)
+        folder = _resolve_folder(path_or_hub_id, variant)
+        load = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+        loaders = {
+            "unet": lambda: load_unet(folder / "unet", **load),
+            "vae": lambda: load_vae(folder / "vae", **load),
+            "text_encoder": lambda: load_text_encoder(folder / "text_encoder", **load),
+            "tokenizer": lambda: load_tokenizer(folder / "tokenizer"),
+            "scheduler": lambda: load_scheduler(folder / "scheduler"),
+        }
+        parts = {name: components.pop(name) if name in components else loaders[name]() for name in loaders}
+        parts["safety_checker"] = components.pop("safety_checker", None)
+        parts["feature_extractor"] = components.pop("feature_extractor", None)
+        if components:
+            raise TypeError(f"from_pretrained: unknown component(s) {sorted(components)}")
+        return cls(**parts, requires_safety_checker=requires_safety_checker)
+
+    def set_scheduler(self, scheduler) -> None:
+        """Swap the scheduler: an object, a diffusers class name or a short name ("euler", "dpm++2m-karras")."""
+        if isinstance(scheduler, str):
+            scheduler = scheduler_from_name(scheduler, self.scheduler.config)
+        self.scheduler = scheduler
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self._progress = kwargs
+
+    def _encode(self, texts: list[str], truncation: bool = False) -> jax.Array:
+        ids = tokenize(self.tokenizer, texts, truncation=truncation)
+        return _encode_text(self._text[0], self._text[1], jnp.asarray(ids))
+
+    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, negative_prompt=None, num_images_per_prompt: int = 1,
+                 eta: float = 0.0, generator=None, latents=None, output_type: str | None = "pil",
+                 return_dict: bool = True, callback=None, callback_steps: int = 1, editing_prompt=None,
+                 editing_prompt_embeddings=None, reverse_editing_direction=False, edit_guidance_scale=5,
+                 edit_warmup_steps=10, edit_cooldown_steps=None, edit_threshold=0.9,
+                 edit_momentum_scale: float | None = 0.1, edit_mom_beta: float | None = 0.4, edit_weights=None,
+                 sem_guidance=None, *, seed: int | None = None, prng_key=None, return_estimates: bool = False):
+        inputs.check_generator(generator)
+        prompts = inputs.prompt_list(prompt)
+        per_prompt = inputs.check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        callback_steps = inputs.check_int(callback_steps, "callback_steps", minimum=1)
+        if output_type not in inputs.OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError("`callback` must be callable as callback(step, timestep, latents)")
+        h, w = self._latent_size(height, width)
+        batch = len(prompts) * per_prompt
+        guidance_scale = inputs._number(guidance_scale, "guidance_scale")
+        do_cfg = guidance_scale > 1.0
+        concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt)
+        num_concepts = 0 if concepts is None else concepts.shape[0] // batch
+        settings = inputs.edit_settings(
+            num_concepts, edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
+            edit_warmup_steps=edit_warmup_steps, edit_cooldown_steps=edit_cooldown_steps,
+            reverse_editing_direction=reverse_editing_direction, edit_weights=edit_weights,
+            edit_momentum_scale=edit_momentum_scale, edit_mom_beta=edit_mom_beta)
+        if num_concepts and not do_cfg:
+            warnings.warn("editing prompts need classifier-free guidance: with guidance_scale <= 1 they are "
+                          "ignored, as in diffusers", UserWarning, stacklevel=2)
+            num_concepts, concepts = 0, None
+        params = EditParams.create(num_concepts, guidance_scale=guidance_scale, **(
+            settings if num_concepts else {}))
+
+        schedule = self.scheduler.set_timesteps(steps)
+        loop_steps = int(schedule.timesteps.shape[0])
+        replay = self._replay(sem_guidance, loop_steps, steps, (batch, 4, h, w)) if do_cfg else None
+        context = self._context(prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts)
+        noise, keys, seed = self._noise(latents, seed, prng_key, batch, h, w)
+
+        hook = self._hook(loop_steps, callback, callback_steps, schedule)
+        _HOST_HOOKS.append(hook)
+        try:
+            out = _denoise(self._unet[0], self._unet[1], self.scheduler, schedule, noise, context, params, keys,
+                           jnp.float32(eta), replay, num_concepts=num_concepts, do_cfg=do_cfg,
+                           record=return_estimates and do_cfg, host=True, emit_latents=callback is not None)
+            final = jax.block_until_ready(out.latents)
+            jax.effects_barrier()
+        finally:
+            _HOST_HOOKS.pop()
+            hook.close()
+        return self._finish(out, final, output_type, return_dict, seed)
+
+    # -- the steps of __call__ -------------------------------------------------------------------------
+
+    def _latent_size(self, height, width) -> tuple[int, int]:
+        default = (self.unet.config.sample_size or 64) * self.vae_scale_factor
+        sizes = []
+        for name, value in (("height", height), ("width", width)):
+            value = default if value is None else inputs.check_int(value, name, minimum=self.vae_scale_factor)
+            if value % 8 or value % self.vae_scale_factor:
+                raise ValueError(f"`{name}` has to be divisible by {max(8, self.vae_scale_factor)} but is {value}")
+            sizes.append(value // self.vae_scale_factor)
+        return sizes[0], sizes[1]
+
+    def _concepts(self, editing_prompt, embeddings, num_prompts: int, per_prompt: int) -> jax.Array | None:
+        """Concept embeddings stacked concept-major, each concept's row repeated for every image."""
+        if editing_prompt is not None and embeddings is not None and len(editing_prompt):
+            raise ValueError("pass either `editing_prompt` or `editing_prompt_embeddings`, not both")
+        if editing_prompt:
+            encoded = self._encode(inputs.prompt_list(editing_prompt, "editing_prompt"))
+        elif embeddings is not None:
+            encoded = jnp.asarray(np.asarray(embeddings, np.float32))
+            expected = (self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
+            if encoded.ndim != 3 or encoded.shape[0] < 1 or tuple(encoded.shape[1:]) != expected:
+                raise ValueError(f"`editing_prompt_embeddings` must have shape (num_concepts, {expected[0]}, "
+                                 f"{expected[1]}), got {tuple(encoded.shape)}")
+        else:
+            return None
+        # Deviation from the reference's embeddings path, which repeats concept-major and so pairs
+        # concepts with the wrong images for several prompts: both paths pair them like the tokenised one.
+        return jnp.repeat(encoded, num_prompts * per_prompt, axis=0)
+
+    def _context(self, prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts) -> jax.Array:
+        text = jnp.repeat(self._encode(prompts), per_prompt, axis=0)
+        if not do_cfg:
+            return text
+        negatives = inputs.negative_prompts(negative_prompt, prompt, len(prompts))
+        uncond = jnp.repeat(self._encode(negatives, truncation=True), per_prompt, axis=0)
+        parts = [uncond, text] + ([] if concepts is None else [concepts.astype(text.dtype)])
+        return jnp.concatenate(parts)
+
+    def _replay(self, sem_guidance, loop_steps: int, steps: int, shape) -> jax.Array | None:
+        if sem_guidance is None:
+            return None
+        if len(sem_guidance) not in (loop_steps, steps + 1):
+            raise ValueError(f"`sem_guidance` needs one entry per denoising step ({loop_steps}"
+                             f"{f' or {steps + 1}' if steps + 1 != loop_steps else ''}), got {len(sem_guidance)}")
+        entries = [inputs.check_array(g, f"sem_guidance[{i}]", shape) for i, g in
+                   enumerate(list(sem_guidance)[:loop_steps])]
+        return jnp.asarray(np.stack(entries).transpose(0, 1, 3, 4, 2))
+
+    def _noise(self, latents, seed, prng_key, batch: int, h: int, w: int):
+        """(noise NHWC, per-image keys, seed). Image j's noise depends only on (seed or key, j)."""
+        if seed is not None and prng_key is not None:
+            raise ValueError("pass either `seed` or `prng_key`, not both")
+        if prng_key is None:
+            seed = secrets.randbelow(2**31) if seed is None else inputs.check_int(seed, "seed")
+            prng_key = jax.random.key(seed)
+        elif not jnp.issubdtype(jnp.asarray(prng_key).dtype, jax.dtypes.prng_key):
+            prng_key = jax.random.wrap_key_data(jnp.asarray(prng_key, jnp.uint32))
+        keys = jax.vmap(lambda j: jax.random.fold_in(prng_key, j))(jnp.arange(batch))
+        if latents is None:
+            draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), (4, h, w), jnp.float32)
+            noise = jax.vmap(draw)(keys)
+        else:
+            noise = jnp.asarray(inputs.check_array(latents, "latents", (batch, 4, h, w)))
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        return jnp.transpose(noise, (0, 2, 3, 1)), step_keys, seed
+
+    def _hook(self, loop_steps: int, callback, callback_steps: int, schedule):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=loop_steps, **self._progress)
+        timesteps = np.asarray(schedule.timesteps)
+
+        def hook(i, t, *latents):
+            bar.update(1)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, timesteps[i], np.transpose(np.asarray(latents[0]), (0, 3, 1, 2)))
+
+        hook.close = bar.close
+        return hook
+
+    def _finish(self, out, latents, output_type, return_dict, seed):
+        to_nchw = lambda a: None if a is None else np.moveaxis(np.asarray(a), -1, -3)
+        if output_type == "latent":
+            images = to_nchw(latents)
+        else:
+            images = np.asarray(_decode(self._vae[0], self._vae[1], latents, self.vae.config.scaling_factor))
+        if not np.isfinite(np.asarray(images)).all():
+            raise FloatingPointError("the generated images contain NaN/inf values. With float16 weights this "
+                                     "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'.")
+        nsfw = None
+        if output_type == "pil":
+            images = [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]
+        if not return_dict:
+            return images, nsfw
+        estimates = out.estimates or (None, None, None)
+        return SemanticStableDiffusionPipelineOutput(
+            images=images, nsfw_content_detected=nsfw, sem_guidance=to_nchw(out.sem_guidance),
+            uncond_estimates=to_nchw(estimates[0]), text_estimates=to_nchw(estimates[1]),
+            edit_estimates=to_nchw(estimates[2]), seed=seed)

@@ -34,9 +34,20 @@ class EditParams(NamedTuple):
     edit_mom_beta: Array
 
     @classmethod
-    def create(cls, num_concepts: int, *, guidance_scale=7.5, edit_guidance_scale=5.0, edit_threshold=0.9,
-               edit_warmup_steps=10, edit_cooldown_steps=None, edit_weights=None,
-               reverse_editing_direction=False, edit_momentum_scale=0.1, edit_mom_beta=0.4) -> EditParams:
+    def create(
+        cls,
+        num_concepts: int,
+        *,
+        guidance_scale=7.5,
+        edit_guidance_scale=5.0,
+        edit_threshold=0.9,
+        edit_warmup_steps=10,
+        edit_cooldown_steps=None,
+        edit_weights=None,
+        reverse_editing_direction=False,
+        edit_momentum_scale=0.1,
+        edit_mom_beta=0.4,
+    ) -> EditParams:
         """Broadcast scalars to per-concept arrays (diffusers' defaults). Lists must already be validated."""
         per_concept = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (num_concepts,))
         cooldown = NEVER if edit_cooldown_steps is None else edit_cooldown_steps
@@ -65,7 +76,8 @@ def spatial_quantile(x: Array, q: Array) -> Array:
     below = jnp.floor(rank)
     weight = rank - below
     gather = lambda index: jnp.take_along_axis(
-        rows, jnp.broadcast_to(index.astype(jnp.int32), (*lead, c, 1)), axis=-1)
+        rows, jnp.broadcast_to(index.astype(jnp.int32), (*lead, c, 1)), axis=-1
+    )
     lo, hi = gather(below), gather(jnp.ceil(rank))
     diff = hi - lo
     value = jnp.where(weight < 0.5, _fma(weight, diff, lo), _fma(-diff, 1 - weight, hi))
@@ -77,6 +89,7 @@ def _fma(a: Array, b: Array, c: Array) -> Array:
 
     Dekker's exact product and Knuth's two-sum; XLA does not reassociate these float operations.
     """
+
     def split(x):
         big = x * 4097.0
         high = big - (big - x)
@@ -91,8 +104,9 @@ def _fma(a: Array, b: Array, c: Array) -> Array:
     return total + (sum_err + product_err)
 
 
-def concept_guidance(noise_uncond: Array, noise_edits: Array, step: Array, params: EditParams) -> tuple[
-        Array, Array, Array]:
+def concept_guidance(
+    noise_uncond: Array, noise_edits: Array, step: Array, params: EditParams
+) -> tuple[Array, Array, Array]:
     """Each concept's thresholded guidance (K, B, H, W, C), its weight (K,) and its warm flag (K,).
 
     Cooled-down concepts get zero guidance and zero weight, as the reference's `continue` leaves them.
@@ -109,8 +123,15 @@ def concept_guidance(noise_uncond: Array, noise_edits: Array, step: Array, param
     return guidance, weights, warm
 
 
-def sega_step(noise_uncond: Array, noise_text: Array, noise_edits: Array, momentum: Array, step: Array,
-              params: EditParams, replay: Array | None = None) -> tuple[Array, Array, Array]:
+def sega_step(
+    noise_uncond: Array,
+    noise_text: Array,
+    noise_edits: Array,
+    momentum: Array,
+    step: Array,
+    params: EditParams,
+    replay: Array | None = None,
+) -> tuple[Array, Array, Array]:
     """One SEGA guidance step.
 
     Args:

@@ -56,15 +56,46 @@ def _host_step(i, t, *latents) -> None:
         _HOST_HOOKS[-1](int(i), t, *latents)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "scheduler", "num_concepts", "do_cfg", "record", "host",
-                                             "emit_latents"))
-def _denoise(graph, state, scheduler, schedule, noise, context, params, image_keys, eta, replay, *,
-             num_concepts, do_cfg, record, host, emit_latents):
+@functools.partial(
+    jax.jit,
+    static_argnames=("graph", "scheduler", "num_concepts", "do_cfg", "record", "host", "emit_latents"),
+)
+def _denoise(
+    graph,
+    state,
+    scheduler,
+    schedule,
+    noise,
+    context,
+    params,
+    image_keys,
+    eta,
+    replay,
+    *,
+    num_concepts,
+    do_cfg,
+    record,
+    host,
+    emit_latents,
+):
     TRACE_COUNT["denoise"] += 1
     unet = nnx.merge(graph, state)
-    return sega_sample(unet, scheduler, schedule, noise, context, params, num_concepts=num_concepts,
-                       do_cfg=do_cfg, image_keys=image_keys, eta=eta, replay=replay, record_estimates=record,
-                       on_step=_host_step if host else None, emit_latents=emit_latents)
+    return sega_sample(
+        unet,
+        scheduler,
+        schedule,
+        noise,
+        context,
+        params,
+        num_concepts=num_concepts,
+        do_cfg=do_cfg,
+        image_keys=image_keys,
+        eta=eta,
+        replay=replay,
+        record_estimates=record,
+        on_step=_host_step if host else None,
+        emit_latents=emit_latents,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graph",))
@@ -82,25 +113,42 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> P
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: not a diffusers pipeline folder (expected a folder with "
-                                f"{', '.join(COMPONENTS)}) nor a hub id like 'owner/name'")
+    if (
+        path.exists()
+        or str(path_or_hub_id).startswith((".", "/", "~"))
+        or str(path_or_hub_id).count("/") != 1
+    ):
+        raise FileNotFoundError(
+            f"{path_or_hub_id}: not a diffusers pipeline folder (expected a folder with "
+            f"{', '.join(COMPONENTS)}) nor a hub id like 'owner/name'"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.txt", "*.safetensors" if not variant else f"*.{variant}.safetensors"]
     try:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises many types for offline / missing repos
-        raise OSError(f"{path_or_hub_id}: could not download from the Hugging Face hub ({type(err).__name__}: "
-                      f"{err}). Offline? Pass a local diffusers folder instead, e.g. one saved with "
-                      "diffusers' `save_pretrained`.") from err
+        raise OSError(
+            f"{path_or_hub_id}: could not download from the Hugging Face hub ({type(err).__name__}: "
+            f"{err}). Offline? Pass a local diffusers folder instead, e.g. one saved with "
+            "diffusers' `save_pretrained`."
+        ) from err
 
 
 class SemanticStableDiffusionPipeline:
     """Stable Diffusion with semantic guidance; `__call__` takes diffusers' arguments (see the README)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None,
-                 feature_extractor=None, requires_safety_checker: bool = True):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker: bool = True,
+    ):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
@@ -110,13 +158,23 @@ class SemanticStableDiffusionPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
         if safety_checker is None and requires_safety_checker:
-            logger.warning("You have disabled the safety checker for %s by passing `safety_checker=None`. "
-                           "Pass `requires_safety_checker=False` to silence this warning.", type(self).__name__)
+            logger.warning(
+                "You have disabled the safety checker for %s by passing `safety_checker=None`. "
+                "Pass `requires_safety_checker=False` to silence this warning.",
+                type(self).__name__,
+            )
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=None, variant: str | None = None,
-                        allow_pickle: bool = False, requires_safety_checker: bool = True,
-                        **components) -> SemanticStableDiffusionPipeline:
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        dtype=None,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+        requires_safety_checker: bool = True,
+        **components,
+    ) -> SemanticStableDiffusionPipeline:
         """Load a diffusers-format pipeline folder (or a hub id, when online). `dtype` casts all weights
         ("float32" default, "bfloat16", "float16"); components may be passed in to replace loaded ones."""
         resolve_dtype(dtype)
@@ -137,7 +195,7 @@ class SemanticStableDiffusionPipeline:
         return cls(**parts, requires_safety_checker=requires_safety_checker)
 
     def set_scheduler(self, scheduler) -> None:
-        """Swap the scheduler: an object, a diffusers class name or a short name ("euler", "dpm++2m-karras")."""
+        """Swap the scheduler: an object, a diffusers class name or a short name ("dpm++2m-karras")."""
         if isinstance(scheduler, str):
             scheduler = scheduler_from_name(scheduler, self.scheduler.config)
         self.scheduler = scheduler
@@ -149,14 +207,38 @@ class SemanticStableDiffusionPipeline:
         ids = tokenize(self.tokenizer, texts, truncation=truncation)
         return _encode_text(self._text[0], self._text[1], jnp.asarray(ids))
 
-    def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, negative_prompt=None, num_images_per_prompt: int = 1,
-                 eta: float = 0.0, generator=None, latents=None, output_type: str | None = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1, editing_prompt=None,
-                 editing_prompt_embeddings=None, reverse_editing_direction=False, edit_guidance_scale=5,
-                 edit_warmup_steps=10, edit_cooldown_steps=None, edit_threshold=0.9,
-                 edit_momentum_scale: float | None = 0.1, edit_mom_beta: float | None = 0.4, edit_weights=None,
-                 sem_guidance=None, *, seed: int | None = None, prng_key=None, return_estimates: bool = False):
+    def __call__(
+        self,
+        prompt,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents=None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+        editing_prompt=None,
+        editing_prompt_embeddings=None,
+        reverse_editing_direction=False,
+        edit_guidance_scale=5,
+        edit_warmup_steps=10,
+        edit_cooldown_steps=None,
+        edit_threshold=0.9,
+        edit_momentum_scale: float | None = 0.1,
+        edit_mom_beta: float | None = 0.4,
+        edit_weights=None,
+        sem_guidance=None,
+        *,
+        seed: int | None = None,
+        prng_key=None,
+        return_estimates: bool = False,
+    ):
         inputs.check_generator(generator)
         prompts = inputs.prompt_list(prompt)
         per_prompt = inputs.check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
@@ -173,16 +255,27 @@ class SemanticStableDiffusionPipeline:
         concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt)
         num_concepts = 0 if concepts is None else concepts.shape[0] // batch
         settings = inputs.edit_settings(
-            num_concepts, edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
-            edit_warmup_steps=edit_warmup_steps, edit_cooldown_steps=edit_cooldown_steps,
-            reverse_editing_direction=reverse_editing_direction, edit_weights=edit_weights,
-            edit_momentum_scale=edit_momentum_scale, edit_mom_beta=edit_mom_beta)
+            num_concepts,
+            edit_guidance_scale=edit_guidance_scale,
+            edit_threshold=edit_threshold,
+            edit_warmup_steps=edit_warmup_steps,
+            edit_cooldown_steps=edit_cooldown_steps,
+            reverse_editing_direction=reverse_editing_direction,
+            edit_weights=edit_weights,
+            edit_momentum_scale=edit_momentum_scale,
+            edit_mom_beta=edit_mom_beta,
+        )
         if num_concepts and not do_cfg:
-            warnings.warn("editing prompts need classifier-free guidance: with guidance_scale <= 1 they are "
-                          "ignored, as in diffusers", UserWarning, stacklevel=2)
+            warnings.warn(
+                "editing prompts need classifier-free guidance: with guidance_scale <= 1 they are "
+                "ignored, as in diffusers",
+                UserWarning,
+                stacklevel=2,
+            )
             num_concepts, concepts = 0, None
-        params = EditParams.create(num_concepts, guidance_scale=guidance_scale, **(
-            settings if num_concepts else {}))
+        params = EditParams.create(
+            num_concepts, guidance_scale=guidance_scale, **(settings if num_concepts else {})
+        )
 
         schedule = self.scheduler.set_timesteps(steps)
         loop_steps = int(schedule.timesteps.shape[0])
@@ -193,9 +286,23 @@ class SemanticStableDiffusionPipeline:
         hook = self._hook(loop_steps, callback, callback_steps, schedule)
         _HOST_HOOKS.append(hook)
         try:
-            out = _denoise(self._unet[0], self._unet[1], self.scheduler, schedule, noise, context, params, keys,
-                           jnp.float32(eta), replay, num_concepts=num_concepts, do_cfg=do_cfg,
-                           record=return_estimates and do_cfg, host=True, emit_latents=callback is not None)
+            out = _denoise(
+                self._unet[0],
+                self._unet[1],
+                self.scheduler,
+                schedule,
+                noise,
+                context,
+                params,
+                keys,
+                jnp.float32(eta),
+                replay,
+                num_concepts=num_concepts,
+                do_cfg=do_cfg,
+                record=return_estimates and do_cfg,
+                host=True,
+                emit_latents=callback is not None,
+            )
             final = jax.block_until_ready(out.latents)
             jax.effects_barrier()
         finally:
@@ -211,7 +318,9 @@ class SemanticStableDiffusionPipeline:
         for name, value in (("height", height), ("width", width)):
             value = default if value is None else inputs.check_int(value, name, minimum=self.vae_scale_factor)
             if value % 8 or value % self.vae_scale_factor:
-                raise ValueError(f"`{name}` has to be divisible by {max(8, self.vae_scale_factor)} but is {value}")
+                raise ValueError(
+                    f"`{name}` has to be divisible by {max(8, self.vae_scale_factor)} but is {value}"
+                )
             sizes.append(value // self.vae_scale_factor)
         return sizes[0], sizes[1]
 
@@ -225,8 +334,10 @@ class SemanticStableDiffusionPipeline:
             encoded = jnp.asarray(np.asarray(embeddings, np.float32))
             expected = (self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
             if encoded.ndim != 3 or encoded.shape[0] < 1 or tuple(encoded.shape[1:]) != expected:
-                raise ValueError(f"`editing_prompt_embeddings` must have shape (num_concepts, {expected[0]}, "
-                                 f"{expected[1]}), got {tuple(encoded.shape)}")
+                raise ValueError(
+                    f"`editing_prompt_embeddings` must have shape (num_concepts, {expected[0]}, "
+                    f"{expected[1]}), got {tuple(encoded.shape)}"
+                )
         else:
             return None
         # Deviation from the reference's embeddings path, which repeats concept-major and so pairs
@@ -246,10 +357,14 @@ class SemanticStableDiffusionPipeline:
         if sem_guidance is None:
             return None
         if len(sem_guidance) not in (loop_steps, steps + 1):
-            raise ValueError(f"`sem_guidance` needs one entry per denoising step ({loop_steps}"
-                             f"{f' or {steps + 1}' if steps + 1 != loop_steps else ''}), got {len(sem_guidance)}")
-        entries = [inputs.check_array(g, f"sem_guidance[{i}]", shape) for i, g in
-                   enumerate(list(sem_guidance)[:loop_steps])]
+            raise ValueError(
+                f"`sem_guidance` needs one entry per denoising step ({loop_steps}"
+                f"{f' or {steps + 1}' if steps + 1 != loop_steps else ''}), got {len(sem_guidance)}"
+            )
+        entries = [
+            inputs.check_array(g, f"sem_guidance[{i}]", shape)
+            for i, g in enumerate(list(sem_guidance)[:loop_steps])
+        ]
         return jnp.asarray(np.stack(entries).transpose(0, 1, 3, 4, 2))
 
     def _noise(self, latents, seed, prng_key, batch: int, h: int, w: int):
@@ -291,8 +406,10 @@ class SemanticStableDiffusionPipeline:
         else:
             images = np.asarray(_decode(self._vae[0], self._vae[1], latents, self.vae.config.scaling_factor))
         if not np.isfinite(np.asarray(images)).all():
-            raise FloatingPointError("the generated images contain NaN/inf values. With float16 weights this "
-                                     "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'.")
+            raise FloatingPointError(
+                "the generated images contain NaN/inf values. With float16 weights this "
+                "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'."
+            )
         nsfw = None
         if output_type == "pil":
             images = [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]
@@ -300,6 +417,11 @@ class SemanticStableDiffusionPipeline:
             return images, nsfw
         estimates = out.estimates or (None, None, None)
         return SemanticStableDiffusionPipelineOutput(
-            images=images, nsfw_content_detected=nsfw, sem_guidance=to_nchw(out.sem_guidance),
-            uncond_estimates=to_nchw(estimates[0]), text_estimates=to_nchw(estimates[1]),
-            edit_estimates=to_nchw(estimates[2]), seed=seed)
+            images=images,
+            nsfw_content_detected=nsfw,
+            sem_guidance=to_nchw(out.sem_guidance),
+            uncond_estimates=to_nchw(estimates[0]),
+            text_estimates=to_nchw(estimates[1]),
+            edit_estimates=to_nchw(estimates[2]),
+            seed=seed,
+        )

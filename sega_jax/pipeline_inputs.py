@@ -7,8 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PER_CONCEPT = ("edit_guidance_scale", "edit_threshold", "edit_warmup_steps", "edit_cooldown_steps",
-               "reverse_editing_direction", "edit_weights")
+PER_CONCEPT = (
+    "edit_guidance_scale",
+    "edit_threshold",
+    "edit_warmup_steps",
+    "edit_cooldown_steps",
+    "reverse_editing_direction",
+    "edit_weights",
+)
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -25,15 +31,19 @@ def negative_prompts(negative_prompt, prompt, batch_size: int) -> list[str]:
     if negative_prompt is None:
         return [""] * batch_size
     if type(prompt) is not type(negative_prompt):
-        raise TypeError(f"`negative_prompt` should be the same type to `prompt`, but got "
-                        f"{type(negative_prompt).__name__} != {type(prompt).__name__}.")
+        raise TypeError(
+            f"`negative_prompt` should be the same type to `prompt`, but got "
+            f"{type(negative_prompt).__name__} != {type(prompt).__name__}."
+        )
     if isinstance(negative_prompt, str):
         return [negative_prompt]  # the reference uses one negative prompt for its single prompt
     negatives = prompt_list(negative_prompt, "negative_prompt")
     if len(negatives) != batch_size:
-        raise ValueError(f"`negative_prompt` has batch size {len(negatives)}, but `prompt` has batch size "
-                         f"{batch_size}. Please make sure that passed `negative_prompt` matches the batch size "
-                         "of `prompt`.")
+        raise ValueError(
+            f"`negative_prompt` has batch size {len(negatives)}, but `prompt` has batch size "
+            f"{batch_size}. Please make sure that passed `negative_prompt` matches the batch size "
+            "of `prompt`."
+        )
     return negatives
 
 
@@ -50,28 +60,52 @@ def per_concept(name: str, value, num_concepts: int) -> list:
     if isinstance(value, (list, tuple, np.ndarray)):
         values = list(value)
         if len(values) != num_concepts:
-            raise ValueError(f"`{name}` has {len(values)} entries but there are {num_concepts} editing "
-                             f"concepts; pass one value per concept or a single value")
+            raise ValueError(
+                f"`{name}` has {len(values)} entries but there are {num_concepts} editing "
+                f"concepts; pass one value per concept or a single value"
+            )
         return values
     return [value] * num_concepts
 
 
-def edit_settings(num_concepts: int, *, edit_guidance_scale, edit_threshold, edit_warmup_steps,
-                  edit_cooldown_steps, reverse_editing_direction, edit_weights, edit_momentum_scale,
-                  edit_mom_beta) -> dict:
+def edit_settings(
+    num_concepts: int,
+    *,
+    edit_guidance_scale,
+    edit_threshold,
+    edit_warmup_steps,
+    edit_cooldown_steps,
+    reverse_editing_direction,
+    edit_weights,
+    edit_momentum_scale,
+    edit_mom_beta,
+) -> dict:
     """Validated per-concept lists (and scalars) ready for `EditParams.create`."""
     settings = {
-        "edit_guidance_scale": [_number(v, "edit_guidance_scale")
-                                for v in per_concept("edit_guidance_scale", edit_guidance_scale, num_concepts)],
-        "edit_threshold": [_unit(v, "edit_threshold")
-                           for v in per_concept("edit_threshold", edit_threshold, num_concepts)],
-        "edit_warmup_steps": [check_int(v, "edit_warmup_steps")
-                              for v in per_concept("edit_warmup_steps", edit_warmup_steps, num_concepts)],
-        "reverse_editing_direction": [_bool(v, "reverse_editing_direction") for v in per_concept(
-            "reverse_editing_direction", bool(reverse_editing_direction) if reverse_editing_direction is None
-            else reverse_editing_direction, num_concepts)],
-        "edit_momentum_scale": _number(0.0 if edit_momentum_scale is None else edit_momentum_scale,
-                                       "edit_momentum_scale"),
+        "edit_guidance_scale": [
+            _number(v, "edit_guidance_scale")
+            for v in per_concept("edit_guidance_scale", edit_guidance_scale, num_concepts)
+        ],
+        "edit_threshold": [
+            _unit(v, "edit_threshold") for v in per_concept("edit_threshold", edit_threshold, num_concepts)
+        ],
+        "edit_warmup_steps": [
+            check_int(v, "edit_warmup_steps")
+            for v in per_concept("edit_warmup_steps", edit_warmup_steps, num_concepts)
+        ],
+        "reverse_editing_direction": [
+            _bool(v, "reverse_editing_direction")
+            for v in per_concept(
+                "reverse_editing_direction",
+                bool(reverse_editing_direction)
+                if reverse_editing_direction is None
+                else reverse_editing_direction,
+                num_concepts,
+            )
+        ],
+        "edit_momentum_scale": _number(
+            0.0 if edit_momentum_scale is None else edit_momentum_scale, "edit_momentum_scale"
+        ),
         "edit_mom_beta": _number(0.0 if edit_mom_beta is None else edit_mom_beta, "edit_mom_beta"),
     }
     if edit_cooldown_steps is None:
@@ -79,11 +113,14 @@ def edit_settings(num_concepts: int, *, edit_guidance_scale, edit_threshold, edi
     else:
         settings["edit_cooldown_steps"] = [
             check_int(v, "edit_cooldown_steps")
-            for v in per_concept("edit_cooldown_steps", edit_cooldown_steps, num_concepts)]
+            for v in per_concept("edit_cooldown_steps", edit_cooldown_steps, num_concepts)
+        ]
     # The reference treats an empty or missing `edit_weights` as all ones (`if edit_weights:`).
-    settings["edit_weights"] = ([_number(v, "edit_weights") for v in per_concept("edit_weights", edit_weights,
-                                                                                num_concepts)]
-                                if edit_weights is not None and len(edit_weights) else None)
+    settings["edit_weights"] = (
+        [_number(v, "edit_weights") for v in per_concept("edit_weights", edit_weights, num_concepts)]
+        if edit_weights is not None and len(edit_weights)
+        else None
+    )
     return settings
 
 
@@ -115,5 +152,7 @@ def check_array(value, name: str, shape: Sequence[int]) -> np.ndarray:
 
 def check_generator(generator) -> None:
     if generator is not None:
-        raise TypeError("`generator`: a torch.Generator cannot drive JAX's random numbers; pass `seed=` "
-                        "(an int) or `prng_key=` (a jax.random key) instead, or `latents=` for exact noise")
+        raise TypeError(
+            "`generator`: a torch.Generator cannot drive JAX's random numbers; pass `seed=` "
+            "(an int) or `prng_key=` (a jax.random key) instead, or `latents=` for exact noise"
+        )

@@ -34,10 +34,23 @@ def step_noise(image_keys: Array, step: Array, shape: tuple[int, ...]) -> Array:
     return jax.vmap(draw)(image_keys)
 
 
-def sega_sample(eps: Denoiser, scheduler: Any, schedule: Any, noise: Array, context: Array,
-                params: EditParams, *, num_concepts: int, do_cfg: bool, image_keys: Array | None = None,
-                eta: Array | float = 0.0, replay: Array | None = None, record_estimates: bool = False,
-                on_step: Callable[..., None] | None = None, emit_latents: bool = False) -> SampleOutput:
+def sega_sample(
+    eps: Denoiser,
+    scheduler: Any,
+    schedule: Any,
+    noise: Array,
+    context: Array,
+    params: EditParams,
+    *,
+    num_concepts: int,
+    do_cfg: bool,
+    image_keys: Array | None = None,
+    eta: Array | float = 0.0,
+    replay: Array | None = None,
+    record_estimates: bool = False,
+    on_step: Callable[..., None] | None = None,
+    emit_latents: bool = False,
+) -> SampleOutput:
     """Run the SEGA loop from unit-variance `noise` (B, H, W, C).
 
     `context` stacks the text embeddings as [uncond (B), text (B), concept 0 (B), ...] when `do_cfg`,
@@ -45,7 +58,6 @@ def sega_sample(eps: Denoiser, scheduler: Any, schedule: Any, noise: Array, cont
     H, W, C) is guidance added at each step (the `sem_guidance` argument). `on_step(i, t[, latents])`
     is called on the host through `jax.debug.callback` (progress bars, user callbacks).
     """
-    batch = noise.shape[0]
     copies = 2 + num_concepts if do_cfg else 1
     steps = schedule.timesteps.shape[0]
     latents = noise.astype(jnp.float32) * schedule.init_noise_sigma

@@ -9,7 +9,7 @@ import os
 import secrets
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from sega_jax.guidance import EditParams
 from sega_jax.models.clip import load_text_encoder
 from sega_jax.models.unet import load_unet
 from sega_jax.models.vae import load_vae
-from sega_jax.sampler import sega_sample
+from sega_jax.sampler import SampleOutput, sega_sample
 from sega_jax.schedulers import load_scheduler, scheduler_from_name
 from sega_jax.tokenizer import load_tokenizer, tokenize
 from sega_jax.weights import resolve_dtype
@@ -49,6 +49,27 @@ class SemanticStableDiffusionPipelineOutput:
     text_estimates: np.ndarray | None = None
     edit_estimates: np.ndarray | None = None
     seed: int | None = None
+
+
+class DenoiseJob(NamedTuple):
+    """Everything one compiled SEGA loop needs: arrays (batch-leading, except `context`, which is
+    (copies, B, L, D), and `replay`, (steps, B, h, w, 4)) plus the static settings."""
+
+    noise: jax.Array
+    context: jax.Array
+    params: EditParams
+    image_keys: jax.Array
+    eta: jax.Array
+    replay: jax.Array | None
+    schedule: Any
+    num_concepts: int
+    do_cfg: bool
+    record: bool
+    seed: int | None
+
+    @property
+    def steps(self) -> int:
+        return int(self.schedule.timesteps.shape[0])
 
 
 def _host_step(i, t, *latents) -> None:
@@ -239,21 +260,92 @@ class SemanticStableDiffusionPipeline:
         prng_key=None,
         return_estimates: bool = False,
     ):
+        if callback is not None and not callable(callback):
+            raise TypeError("`callback` must be callable as callback(step, timestep, latents)")
+        callback_steps = inputs.check_int(callback_steps, "callback_steps", minimum=1)
+        if output_type not in inputs.OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
+        job = self.prepare(
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            editing_prompt=editing_prompt,
+            editing_prompt_embeddings=editing_prompt_embeddings,
+            reverse_editing_direction=reverse_editing_direction,
+            edit_guidance_scale=edit_guidance_scale,
+            edit_warmup_steps=edit_warmup_steps,
+            edit_cooldown_steps=edit_cooldown_steps,
+            edit_threshold=edit_threshold,
+            edit_momentum_scale=edit_momentum_scale,
+            edit_mom_beta=edit_mom_beta,
+            edit_weights=edit_weights,
+            sem_guidance=sem_guidance,
+            seed=seed,
+            prng_key=prng_key,
+            return_estimates=return_estimates,
+        )
+        hook = self._hook(job.steps, callback, callback_steps, job.schedule)
+        _HOST_HOOKS.append(hook)
+        try:
+            out = self.denoise(job, host=True, emit_latents=callback is not None)
+            jax.block_until_ready(out.latents)
+            jax.effects_barrier()
+        finally:
+            _HOST_HOOKS.pop()
+            hook.close()
+        return self.finish(out, output_type, return_dict, job.seed)
+
+    def prepare(
+        self,
+        prompt,
+        *,
+        height=None,
+        width=None,
+        num_inference_steps=50,
+        guidance_scale=7.5,
+        negative_prompt=None,
+        num_images_per_prompt=1,
+        eta=0.0,
+        generator=None,
+        latents=None,
+        editing_prompt=None,
+        editing_prompt_embeddings=None,
+        reverse_editing_direction=False,
+        edit_guidance_scale=5,
+        edit_warmup_steps=10,
+        edit_cooldown_steps=None,
+        edit_threshold=0.9,
+        edit_momentum_scale=0.1,
+        edit_mom_beta=0.4,
+        edit_weights=None,
+        sem_guidance=None,
+        seed=None,
+        prng_key=None,
+        return_estimates=False,
+        image_indices=None,
+    ) -> DenoiseJob:
+        """Validate the arguments and do all host-side work (tokenize, encode, draw noise) for one call.
+
+        `image_indices` (one int per image) choose which per-seed noise each image gets; by default
+        0..B-1, so image j of a call is the same image whatever else is in the batch.
+        """
         inputs.check_generator(generator)
         prompts = inputs.prompt_list(prompt)
         per_prompt = inputs.check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)
-        callback_steps = inputs.check_int(callback_steps, "callback_steps", minimum=1)
-        if output_type not in inputs.OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
-        if callback is not None and not callable(callback):
-            raise TypeError("`callback` must be callable as callback(step, timestep, latents)")
         h, w = self._latent_size(height, width)
         batch = len(prompts) * per_prompt
         guidance_scale = inputs._number(guidance_scale, "guidance_scale")
         do_cfg = guidance_scale > 1.0
         concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt)
-        num_concepts = 0 if concepts is None else concepts.shape[0] // batch
+        num_concepts = 0 if concepts is None else concepts.shape[0]
         settings = inputs.edit_settings(
             num_concepts,
             edit_guidance_scale=edit_guidance_scale,
@@ -270,45 +362,50 @@ class SemanticStableDiffusionPipeline:
                 "editing prompts need classifier-free guidance: with guidance_scale <= 1 they are "
                 "ignored, as in diffusers",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             num_concepts, concepts = 0, None
         params = EditParams.create(
             num_concepts, guidance_scale=guidance_scale, **(settings if num_concepts else {})
         )
-
         schedule = self.scheduler.set_timesteps(steps)
         loop_steps = int(schedule.timesteps.shape[0])
         replay = self._replay(sem_guidance, loop_steps, steps, (batch, 4, h, w)) if do_cfg else None
         context = self._context(prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts)
-        noise, keys, seed = self._noise(latents, seed, prng_key, batch, h, w)
+        noise, keys, seed = self._noise(latents, seed, prng_key, batch, h, w, image_indices)
+        return DenoiseJob(
+            noise=noise,
+            context=context,
+            params=params,
+            image_keys=keys,
+            eta=jnp.float32(eta),
+            replay=replay,
+            schedule=schedule,
+            num_concepts=num_concepts,
+            do_cfg=do_cfg,
+            record=bool(return_estimates) and do_cfg,
+            seed=seed,
+        )
 
-        hook = self._hook(loop_steps, callback, callback_steps, schedule)
-        _HOST_HOOKS.append(hook)
-        try:
-            out = _denoise(
-                self._unet[0],
-                self._unet[1],
-                self.scheduler,
-                schedule,
-                noise,
-                context,
-                params,
-                keys,
-                jnp.float32(eta),
-                replay,
-                num_concepts=num_concepts,
-                do_cfg=do_cfg,
-                record=return_estimates and do_cfg,
-                host=True,
-                emit_latents=callback is not None,
-            )
-            final = jax.block_until_ready(out.latents)
-            jax.effects_barrier()
-        finally:
-            _HOST_HOOKS.pop()
-            hook.close()
-        return self._finish(out, final, output_type, return_dict, seed)
+    def denoise(self, job: DenoiseJob, *, host: bool = False, emit_latents: bool = False) -> SampleOutput:
+        """Run the compiled SEGA loop for a prepared job (latents in NHWC)."""
+        return _denoise(
+            self._unet[0],
+            self._unet[1],
+            self.scheduler,
+            job.schedule,
+            job.noise,
+            job.context,
+            job.params,
+            job.image_keys,
+            job.eta,
+            job.replay,
+            num_concepts=job.num_concepts,
+            do_cfg=job.do_cfg,
+            record=job.record,
+            host=host,
+            emit_latents=emit_latents,
+        )
 
     # -- the steps of __call__ -------------------------------------------------------------------------
 
@@ -325,7 +422,7 @@ class SemanticStableDiffusionPipeline:
         return sizes[0], sizes[1]
 
     def _concepts(self, editing_prompt, embeddings, num_prompts: int, per_prompt: int) -> jax.Array | None:
-        """Concept embeddings stacked concept-major, each concept's row repeated for every image."""
+        """One embedding per concept (K, L, D); `_context` pairs each with every image."""
         if editing_prompt is not None and embeddings is not None and len(editing_prompt):
             raise ValueError("pass either `editing_prompt` or `editing_prompt_embeddings`, not both")
         if editing_prompt:
@@ -340,17 +437,24 @@ class SemanticStableDiffusionPipeline:
                 )
         else:
             return None
-        # Deviation from the reference's embeddings path, which repeats concept-major and so pairs
-        # concepts with the wrong images for several prompts: both paths pair them like the tokenised one.
-        return jnp.repeat(encoded, num_prompts * per_prompt, axis=0)
+        return encoded
 
     def _context(self, prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts) -> jax.Array:
+        """(copies, B, L, D): [uncond, text, concept 0, ...], each for every image.
+
+        Each concept is paired with every image, like the reference's tokenised path. (Deviation: the
+        reference's `editing_prompt_embeddings` path repeats concept-major and mispairs for several prompts.)
+        """
         text = jnp.repeat(self._encode(prompts), per_prompt, axis=0)
         if not do_cfg:
-            return text
+            return text[None]
         negatives = inputs.negative_prompts(negative_prompt, prompt, len(prompts))
         uncond = jnp.repeat(self._encode(negatives, truncation=True), per_prompt, axis=0)
-        parts = [uncond, text] + ([] if concepts is None else [concepts.astype(text.dtype)])
+        parts = [uncond[None], text[None]]
+        if concepts is not None:
+            parts.append(
+                jnp.broadcast_to(concepts[:, None].astype(text.dtype), (concepts.shape[0], *text.shape))
+            )
         return jnp.concatenate(parts)
 
     def _replay(self, sem_guidance, loop_steps: int, steps: int, shape) -> jax.Array | None:
@@ -367,7 +471,7 @@ class SemanticStableDiffusionPipeline:
         ]
         return jnp.asarray(np.stack(entries).transpose(0, 1, 3, 4, 2))
 
-    def _noise(self, latents, seed, prng_key, batch: int, h: int, w: int):
+    def _noise(self, latents, seed, prng_key, batch: int, h: int, w: int, image_indices=None):
         """(noise NHWC, per-image keys, seed). Image j's noise depends only on (seed or key, j)."""
         if seed is not None and prng_key is not None:
             raise ValueError("pass either `seed` or `prng_key`, not both")
@@ -376,7 +480,12 @@ class SemanticStableDiffusionPipeline:
             prng_key = jax.random.key(seed)
         elif not jnp.issubdtype(jnp.asarray(prng_key).dtype, jax.dtypes.prng_key):
             prng_key = jax.random.wrap_key_data(jnp.asarray(prng_key, jnp.uint32))
-        keys = jax.vmap(lambda j: jax.random.fold_in(prng_key, j))(jnp.arange(batch))
+        indices = np.arange(batch) if image_indices is None else np.asarray(image_indices)
+        if indices.shape != (batch,) or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(
+                f"`image_indices` must be {batch} integers (one per image), got {image_indices!r}"
+            )
+        keys = jax.vmap(lambda j: jax.random.fold_in(prng_key, j))(jnp.asarray(indices, jnp.uint32))
         if latents is None:
             draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), (4, h, w), jnp.float32)
             noise = jax.vmap(draw)(keys)
@@ -399,7 +508,9 @@ class SemanticStableDiffusionPipeline:
         hook.close = bar.close
         return hook
 
-    def _finish(self, out, latents, output_type, return_dict, seed):
+    def finish(self, out: SampleOutput, output_type: str = "pil", return_dict: bool = True, seed=None):
+        """Decode (unless "latent"), check for non-finite values and build diffusers' output."""
+        latents = out.latents
         to_nchw = lambda a: None if a is None else np.moveaxis(np.asarray(a), -1, -3)
         if output_type == "latent":
             images = to_nchw(latents)

@@ -53,12 +53,16 @@ def sega_sample(
 ) -> SampleOutput:
     """Run the SEGA loop from unit-variance `noise` (B, H, W, C).
 
-    `context` stacks the text embeddings as [uncond (B), text (B), concept 0 (B), ...] when `do_cfg`,
-    else just the prompt's (B). The denoiser runs once per step on the whole stack. `replay` (steps, B,
-    H, W, C) is guidance added at each step (the `sem_guidance` argument). `on_step(i, t[, latents])`
-    is called on the host through `jax.debug.callback` (progress bars, user callbacks).
+    `context` (copies, B, L, D) holds the text embeddings [uncond, text, concept 0, ...] when `do_cfg`,
+    else just the prompt's (1, B, L, D). The denoiser runs once per step on all copies as one batch.
+    `replay` (steps, B, H, W, C) is guidance added at each step (the `sem_guidance` argument).
+    `on_step(i, t[, latents])` is called on the host through `jax.debug.callback` (progress bars, user
+    callbacks).
     """
     copies = 2 + num_concepts if do_cfg else 1
+    if context.shape[0] != copies:
+        raise ValueError(f"context has {context.shape[0]} copies, expected {copies} (uncond, text, concepts)")
+    flat_context = context.reshape(-1, *context.shape[2:])
     steps = schedule.timesteps.shape[0]
     latents = noise.astype(jnp.float32) * schedule.init_noise_sigma
     state = scheduler.init_state(schedule, latents.shape, latents.dtype)
@@ -70,7 +74,7 @@ def sega_sample(
         x, momentum, state = carry
         i, t, replay_i = xs
         model_in = jnp.concatenate([scheduler.scale_model_input(schedule, x, i)] * copies)
-        out = eps(model_in, t, context).astype(jnp.float32).reshape(copies, *x.shape)
+        out = eps(model_in, t, flat_context).astype(jnp.float32).reshape(copies, *x.shape)
         if do_cfg:
             pred, momentum, applied = sega_step(out[0], out[1], out[2:], momentum, i, params, replay_i)
         else:

@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
 from sega_jax.models.unet import UNetConfig, load_unet
+from sega_jax.reference import SD15_UNET, randomize
 from tests.helpers import max_rel_diff, nchw_to_nhwc
 
 SD1_TINY = dict(
@@ -24,17 +25,6 @@ SD2_TINY = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), flip_sin_to_cos=False,
     freq_shift=1, sample_size=8,
 )
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Give every parameter (norm scales and biases included) non-trivial random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            fan_in = max(param[0].numel(), 1)
-            scale = 0.2 if name.endswith("bias") or "norm" in name else 1.0 / np.sqrt(fan_in)
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            param.copy_(base + scale * torch.randn(param.shape, generator=gen))
 
 
 def save_unet(folder, config: dict, seed: int = 0) -> TorchUNet:
@@ -113,12 +103,7 @@ def test_unet_config_per_block_lengths_must_match():
         UNetConfig.from_diffusers(dict(SD1_TINY, attention_head_dim=[2, 2, 2]))
 
 
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-    attention_head_dim=8, norm_num_groups=32, sample_size=64,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+SD15 = SD15_UNET
 
 
 @pytest.mark.heavy

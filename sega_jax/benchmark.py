@@ -1,0 +1,184 @@
+"""Side-by-side benchmark: sega-jax against diffusers' SemanticStableDiffusionPipeline, one process.
+
+Both run on the same saved random-weight model with the same latents and edit settings. Prints ms per
+denoising step for each, the ratio (diffusers / ours: > 1 means we are faster), our compile time and
+the peak resident memory each run added. Needs the test extra (torch, diffusers).
+
+    python3 scripts/benchmark.py --model tiny --steps 20 --concepts 4
+    python3 scripts/benchmark.py --model sd15 --steps 3 --concepts 2 --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONCEPTS = [
+    "smiling, smile",
+    "glasses, wearing glasses",
+    "curls, wavy hair, curly hair",
+    "beard, full beard, mustache",
+    "hat",
+    "sunglasses",
+    "red hair",
+    "freckles",
+]
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms from /proc."""
+
+    def __init__(self):
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base, self.peak, self._stop = self.rss(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss() - self.base)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+def build_reference(model: str, folder: Path):
+    """Build and save diffusers' pipeline with random weights (tiny, or the SD 1.5 architecture with
+    diffusers' own random initialisation)."""
+    from sega_jax.reference import save_reference
+
+    return save_reference(folder, model, randomized=model == "tiny")
+
+
+def call_kwargs(args) -> dict:
+    k = args.concepts
+    return dict(
+        prompt="a photo of the face of a woman",
+        num_inference_steps=args.steps,
+        height=args.size,
+        width=args.size,
+        editing_prompt=CONCEPTS[:k] or None,
+        edit_warmup_steps=[1] * k,
+        edit_guidance_scale=[5.0] * k,
+        edit_threshold=[0.95] * k,
+        output_type=args.output_type,
+    )
+
+
+def time_ours(folder: Path, latents: np.ndarray, args) -> dict:
+    from sega_jax import SemanticStableDiffusionPipeline
+
+    pipe = SemanticStableDiffusionPipeline.from_pretrained(
+        folder, dtype=args.dtype, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        first = pipe(latents=latents, **call_kwargs(args))
+        first_s = time.perf_counter() - start
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = pipe(latents=latents, **call_kwargs(args))
+            runs.append(time.perf_counter() - start)
+    best = min(runs)
+    return dict(
+        ms_per_step=1000 * best / args.steps,
+        total_s=best,
+        compile_s=first_s - best,
+        peak_mb=memory.peak / 2**20,
+        images=out.images,
+        first=first.images,
+    )
+
+
+def time_diffusers(reference, latents: np.ndarray, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    runs = []
+    with PeakRSS() as memory, torch.inference_mode():
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = reference(latents=torch.from_numpy(latents), **call_kwargs(args))
+            runs.append(time.perf_counter() - start)
+    best = min(runs)
+    return dict(
+        ms_per_step=1000 * best / args.steps, total_s=best, peak_mb=memory.peak / 2**20, images=out.images
+    )
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sega-jax bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--concepts", type=int, default=4, choices=range(0, len(CONCEPTS) + 1))
+    parser.add_argument("--size", type=int, default=None, help="image size (default 64 tiny, 512 sd15)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default=None, help="our dtype (float32 default, bfloat16)")
+    parser.add_argument(
+        "--output-type",
+        default="latent",
+        choices=("latent", "np"),
+        help="latent times the denoising loop alone; np adds the VAE decode",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--skip-diffusers", action="store_true")
+    args = parser.parse_args(argv)
+    args.size = args.size or (64 if args.model == "tiny" else 512)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        reference = build_reference(args.model, folder)
+        batch = 1
+        side = args.size // 2 ** (len(reference.vae.config.block_out_channels) - 1)
+        latents = np.random.default_rng(0).standard_normal((batch, 4, side, side), dtype=np.float32)
+        ours = time_ours(folder, latents, args)
+        theirs = None if args.skip_diffusers else time_diffusers(reference, latents, args)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}; "
+        f"model={args.model} "
+        f"size={args.size} steps={args.steps} concepts={args.concepts} output={args.output_type} "
+        f"dtype={args.dtype or 'float32'}"
+    )
+    print(
+        f"sega-jax : {ours['ms_per_step']:9.1f} ms/step  total {ours['total_s']:.2f} s  "
+        f"compile {ours['compile_s']:.2f} s  peak +{ours['peak_mb']:.0f} MB"
+    )
+    if theirs is not None:
+        print(
+            f"diffusers: {theirs['ms_per_step']:9.1f} ms/step  total {theirs['total_s']:.2f} s  "
+            f"peak +{theirs['peak_mb']:.0f} MB"
+        )
+        print(f"ratio diffusers/sega-jax per step: {theirs['ms_per_step'] / ours['ms_per_step']:.2f}x")
+        with contextlib.suppress(Exception):
+            ref = np.asarray(theirs["images"])
+            diff = np.abs(np.asarray(ours["images"]) - ref).max() / max(np.abs(ref).max(), 1e-12)
+            print(f"max relative difference of the outputs: {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,10 @@ from PIL import Image
 
 from sega_jax import pipeline_inputs as inputs
 from sega_jax.guidance import EditParams
+from sega_jax.image_processing import load_feature_extractor
 from sega_jax.models.clip import load_text_encoder
+from sega_jax.models.safety_checker import load_safety_checker
+from sega_jax.models.safety_checker import run_safety_checker as check_safety
 from sega_jax.models.unet import load_unet
 from sega_jax.models.vae import load_vae
 from sega_jax.sampler import SampleOutput, sega_sample
@@ -176,6 +179,11 @@ class SemanticStableDiffusionPipeline:
         self._unet = nnx.split(unet)
         self._vae = nnx.split(vae)
         self._text = nnx.split(text_encoder)
+        self._checker = None if safety_checker is None else nnx.split(safety_checker)
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                "a `safety_checker` needs its `feature_extractor` (the CLIP image preprocessing)"
+            )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
         if safety_checker is None and requires_safety_checker:
@@ -208,9 +216,14 @@ class SemanticStableDiffusionPipeline:
             "tokenizer": lambda: load_tokenizer(folder / "tokenizer"),
             "scheduler": lambda: load_scheduler(folder / "scheduler"),
         }
+        # diffusers' convention: a folder's `safety_checker/` loads unless `safety_checker=None` is passed.
+        has_checker = (folder / "safety_checker").is_dir() and (folder / "feature_extractor").is_dir()
+        if has_checker:
+            loaders["safety_checker"] = lambda: load_safety_checker(folder / "safety_checker", **load)
+            loaders["feature_extractor"] = lambda: load_feature_extractor(folder / "feature_extractor")
         parts = {name: components.pop(name) if name in components else loaders[name]() for name in loaders}
-        parts["safety_checker"] = components.pop("safety_checker", None)
-        parts["feature_extractor"] = components.pop("feature_extractor", None)
+        parts.setdefault("safety_checker", components.pop("safety_checker", None))
+        parts.setdefault("feature_extractor", components.pop("feature_extractor", None))
         if components:
             raise TypeError(f"from_pretrained: unknown component(s) {sorted(components)}")
         return cls(**parts, requires_safety_checker=requires_safety_checker)
@@ -259,6 +272,7 @@ class SemanticStableDiffusionPipeline:
         seed: int | None = None,
         prng_key=None,
         return_estimates: bool = False,
+        run_safety_checker: bool = True,
     ):
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be callable as callback(step, timestep, latents)")
@@ -300,7 +314,7 @@ class SemanticStableDiffusionPipeline:
         finally:
             _HOST_HOOKS.pop()
             hook.close()
-        return self.finish(out, output_type, return_dict, job.seed)
+        return self.finish(out, output_type, return_dict, job.seed, run_safety_checker=run_safety_checker)
 
     def prepare(
         self,
@@ -508,8 +522,17 @@ class SemanticStableDiffusionPipeline:
         hook.close = bar.close
         return hook
 
-    def finish(self, out: SampleOutput, output_type: str = "pil", return_dict: bool = True, seed=None):
-        """Decode (unless "latent"), check for non-finite values and build diffusers' output."""
+    def finish(
+        self,
+        out: SampleOutput,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        seed=None,
+        *,
+        run_safety_checker: bool = True,
+    ):
+        """Decode (unless "latent"), check for non-finite values, run the safety checker (when loaded and
+        not switched off) and build diffusers' output."""
         latents = out.latents
         to_nchw = lambda a: None if a is None else np.moveaxis(np.asarray(a), -1, -3)
         if output_type == "latent":
@@ -522,6 +545,10 @@ class SemanticStableDiffusionPipeline:
                 "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'."
             )
         nsfw = None
+        if output_type != "latent" and self.safety_checker is not None and run_safety_checker:
+            images, nsfw = check_safety(
+                self.safety_checker, self.feature_extractor, images, split=self._checker
+            )
         if output_type == "pil":
             images = [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]
         if not return_dict:

@@ -308,7 +308,9 @@ class SemanticStableDiffusionPipeline:
         hook = self._hook(job.steps, callback, callback_steps, job.schedule)
         _HOST_HOOKS.append(hook)
         try:
-            out = self.denoise(job, host=True, emit_latents=callback is not None)
+            # With no callback and no progress bar, the loop makes no host call at all.
+            host = callback is not None or not self._progress.get("disable", False)
+            out = self.denoise(job, host=host, emit_latents=callback is not None)
             jax.block_until_ready(out.latents)
             jax.effects_barrier()
         finally:

@@ -10,8 +10,9 @@ three backends when it is traced (the choice is static, so it costs nothing at r
   (batch*head, query chunk) blocks; each block is one (q_chunk, keys) fp32 score tile (about 16 MB) with the
   softmax max-subtracted and exponentiated in fp32 and the normalisation applied after the PV product. Key
   sequences longer than `MAX_KEY_BLOCK` are walked in `k_chunk` pieces with an online (flash-style) softmax.
-  It never materialises the (batch, heads, Lq, Lk) score array, and on a 2-core CPU it is 5-10x faster than
-  the plain version at 4096 tokens (see scripts/bench_attention.py).
+  It never materialises the (batch, heads, Lq, Lk) score array, and on a 2-core CPU it is about 4x faster
+  than the plain version (8x faster than `jax.nn.dot_product_attention`) at 4096 tokens and within
+  1.2-1.6x of PyTorch's SDPA (see scripts/bench_attention.py).
 - ``"cudnn"``: `jax.nn.dot_product_attention(..., implementation="cudnn")` (cuDNN flash attention) on NVIDIA
   GPUs for fp16/bf16 inputs without a mask and with a head dim cuDNN supports (a multiple of 8, <= 128, or
   <= 256 on Hopper and later). Anything else, or any platform other than CUDA, falls back to ``"xla"``.
@@ -38,12 +39,12 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 ENV_VAR = "SEGA_JAX_ATTENTION"
 
 # Automatic choice on CPU/TPU: the chunked backend from this many keys and this many scores per (batch, head).
-# Measured on a 2-core Xeon (scripts/bench_attention.py): chunked is 1.8x faster at 1024x1024 and 5-10x at
+# Measured on a 2-core Xeon (scripts/bench_attention.py): chunked is 1.5-2x faster at 1024x1024 and ~4x at
 # 4096x4096, and the same speed as the plain one at 256x256 and for 4096 queries onto 77 keys.
 CHUNKED_MIN_KEYS = 512
 CHUNKED_MIN_SCORES = 512 * 512
-# Score elements per block (q_chunk * key block): 2**22 fp32 = 16 MB, the measured optimum on CPU (1024
-# queries x 4096 keys); 2**20 and 2**23 were both slower.
+# Score elements per block (q_chunk * key block): 2**22 fp32 = 16 MB (1024 queries x 4096 keys), the
+# measured optimum on CPU: 2**20 was 15-25% slower, 2**23 the same, 2**24 (one 4096x4096 tile) 1.9x slower.
 BLOCK_ELEMENTS = 2**22
 # Keys up to this many are handled in one block (exact softmax per query chunk); beyond, online softmax over
 # chunks of `K_CHUNK` keys.

@@ -18,6 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from sega_jax import pipeline_inputs as inputs
+from sega_jax.cache import enable_compilation_cache
 from sega_jax.guidance import EditParams
 from sega_jax.image_processing import load_feature_extractor
 from sega_jax.models.clip import load_text_encoder
@@ -148,7 +149,7 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> P
         )
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "*.safetensors" if not variant else f"*.{variant}.safetensors"]
+    patterns = _hub_patterns(variant)
     try:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises many types for offline / missing repos
@@ -157,6 +158,15 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> P
             f"{err}). Offline? Pass a local diffusers folder instead, e.g. one saved with "
             "diffusers' `save_pretrained`."
         ) from err
+
+
+def _hub_patterns(variant: str | None) -> list[str]:
+    """Only the component files we load: not the root's single-file checkpoints, not the other
+    variant's weights. `-*` matches the shards named by a `*.safetensors.index.json`."""
+    tag = f".{variant}" if variant else ""
+    weights = [f"*/{name}{tag}{suffix}" for name in ("diffusion_pytorch_model", "model")
+               for suffix in (".safetensors", "-*-of-*.safetensors")]
+    return ["model_index.json", "*/*.json", "*/*.txt", *weights]
 
 
 class SemanticStableDiffusionPipeline:
@@ -173,6 +183,7 @@ class SemanticStableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker: bool = True,
     ):
+        enable_compilation_cache()  # the persistent XLA cache, unless SEGA_JAX_CACHE_DIR=off
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.safety_checker, self.feature_extractor = safety_checker, feature_extractor

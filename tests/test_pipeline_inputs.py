@@ -88,6 +88,39 @@ def test_hub_id_offline_error_says_how_to_pass_a_local_folder(monkeypatch):
         SemanticStableDiffusionPipeline.from_pretrained("someone/not-a-cached-model")
 
 
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_download_takes_only_the_component_files_of_the_variant(monkeypatch, variant):
+    import fnmatch
+
+    import huggingface_hub
+
+    repo = [
+        "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt", "tokenizer/vocab.json",
+        "tokenizer/merges.txt", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+        "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+    ]
+    taken = []
+
+    def fake_download(repo_id, allow_patterns):
+        taken.extend(f for f in repo if any(fnmatch.fnmatch(f, p) for p in allow_patterns))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(OSError):
+        SemanticStableDiffusionPipeline.from_pretrained("owner/model", variant=variant)
+    tag = ".fp16" if variant else ""
+    assert sorted(taken) == sorted([
+        "model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet/config.json",
+        f"unet/diffusion_pytorch_model{tag}.safetensors", f"text_encoder/model{tag}.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+        f"vae/diffusion_pytorch_model{tag}-00001-of-00002.safetensors",
+    ])
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         SemanticStableDiffusionPipeline.from_pretrained(tmp_path / "nowhere")

@@ -88,13 +88,22 @@ class GroupNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
-        shape = x.shape
-        grouped = x.astype(jnp.float32).reshape(*shape[:-1], self.num_groups, shape[-1] // self.num_groups)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        # Two-pass statistics like torch, but reduced per channel over the spatial axes first (channels
+        # stay the minor, vectorised axis) and only then per group: 2-3x faster on CPU than reducing a
+        # (..., groups, channels/group) view, same fp32 numerics.
+        batch, channels = x.shape[0], x.shape[-1]
+        per_group = channels // self.num_groups
+        spatial = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * per_group
+        x32 = x.astype(jnp.float32)
+
+        def group_mean(channel_sums: Array) -> Array:  # (B, C) -> (B, 1, ..., 1, C), equal within a group
+            means = channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=1).reshape((batch,) + (1,) * len(spatial) + (channels,))
+
+        centred = x32 - group_mean(x32.sum(spatial))
+        scale = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(spatial)) + self.eps)
+        out = centred * (scale * self.weight[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
         return out.astype(self.weight.dtype)
 
 

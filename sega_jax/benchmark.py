@@ -33,6 +33,10 @@ CONCEPTS = [
 ]
 
 
+# The SD 1.5 UNet's forward FLOPs per sample at 512x512 (issue 8's figure); the tiny model's are negligible.
+UNET_TFLOP_PER_SAMPLE = {"sd15": 0.80, "tiny": 0.0}
+
+
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 5 ms from /proc."""
 
@@ -83,6 +87,12 @@ def call_kwargs(args) -> dict:
     )
 
 
+def pipe_on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
 def time_ours(folder: Path, latents: np.ndarray, args) -> dict:
     from sega_jax import SemanticStableDiffusionPipeline
 
@@ -105,6 +115,7 @@ def time_ours(folder: Path, latents: np.ndarray, args) -> dict:
         total_s=best,
         compile_s=first_s - best,
         peak_mb=memory.peak / 2**20,
+        gpu_mb=_jax_gpu_peak_mb() if pipe_on_gpu() else None,
         images=out.images,
         first=first.images,
     )
@@ -114,16 +125,42 @@ def time_diffusers(reference, latents: np.ndarray, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    device, dtype = torch.device(args.torch_device), getattr(torch, args.torch_dtype)
+    reference.to(device, dtype)
+    start_latents = torch.from_numpy(latents).to(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     runs = []
     with PeakRSS() as memory, torch.inference_mode():
-        for _ in range(args.repeats):
+        for _ in range(args.repeats + (device.type == "cuda")):  # on a GPU, one warm-up call
+            sync()
             start = time.perf_counter()
-            out = reference(latents=torch.from_numpy(latents), **call_kwargs(args))
+            out = reference(latents=start_latents, **call_kwargs(args))
+            sync()
             runs.append(time.perf_counter() - start)
     best = min(runs)
-    return dict(
-        ms_per_step=1000 * best / args.steps, total_s=best, peak_mb=memory.peak / 2**20, images=out.images
-    )
+    images = out.images
+    if isinstance(images, torch.Tensor):
+        images = images.float().cpu().numpy()
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return dict(ms_per_step=1000 * best / args.steps, total_s=best, peak_mb=memory.peak / 2**20,
+                gpu_mb=gpu_mb, images=images)
+
+
+def unet_flops_per_step(args) -> float:
+    """Model FLOPs of one denoising step: the UNet on [uncond, text, concepts...] (SD 1.5: ~0.80 TFLOP per
+    sample at 64x64 latents, scaling with the latent area)."""
+    batch = 2 + args.concepts
+    return UNET_TFLOP_PER_SAMPLE[args.model] * 1e12 * batch * (args.size / 512) ** 2
+
+
+def _jax_gpu_peak_mb() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -141,10 +178,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="latent times the denoising loop alone; np adds the VAE decode",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--torch-device", default="cpu", help="diffusers' device (cpu, cuda)")
+    parser.add_argument("--torch-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s in our dtype, to report model FLOP utilisation")
     parser.add_argument("--skip-diffusers", action="store_true")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.model == "tiny" else 512)
     return args
+
+
+def _gpu(result: dict) -> str:
+    return "" if result.get("gpu_mb") is None else f"  gpu peak {result['gpu_mb']:.0f} MB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"sega-jax : {ours['ms_per_step']:9.1f} ms/step  total {ours['total_s']:.2f} s  "
-        f"compile {ours['compile_s']:.2f} s  peak +{ours['peak_mb']:.0f} MB"
+        f"compile {ours['compile_s']:.2f} s  peak +{ours['peak_mb']:.0f} MB{_gpu(ours)}"
     )
+    flops = unet_flops_per_step(args)
+    if flops and args.peak_tflops:
+        achieved = flops / (ours["ms_per_step"] / 1000) / 1e12
+        print(f"sega-jax UNet: {achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% of "
+              f"{args.peak_tflops:g} TFLOP/s peak (model FLOP utilisation)")
     if theirs is not None:
         print(
             f"diffusers: {theirs['ms_per_step']:9.1f} ms/step  total {theirs['total_s']:.2f} s  "
-            f"peak +{theirs['peak_mb']:.0f} MB"
+            f"peak +{theirs['peak_mb']:.0f} MB{_gpu(theirs)}  ({args.torch_device}, {args.torch_dtype})"
         )
         print(f"ratio diffusers/sega-jax per step: {theirs['ms_per_step'] / ours['ms_per_step']:.2f}x")
         with contextlib.suppress(Exception):

@@ -6,47 +6,44 @@ Heavy imports (JAX, the models) happen only inside the subcommands, so `--help` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import json
-import math
 import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from sega_jax.cli_settings import (
+    DEFAULTS,
+    FORMAT,
+    METADATA_KEY,
+    MODEL_ENV,
+    NEVER,
+    SETTING_KEYS,
+    CLIError,
+    Edit,
+    call_kwargs,
+    edit_kwargs,
+    parameters_text,
+    parse_edit,
+    parse_finite,
+    parse_integer,
+    png_info,
+    read_png_settings,
+    resolve_settings,
+    sampler_name,
+)
+
+__all__ = ["DEFAULTS", "FORMAT", "METADATA_KEY", "MODEL_ENV", "NEVER", "SETTING_KEYS", "CLIError", "Edit",
+           "build_parser", "call_kwargs", "edit_kwargs", "main", "parameters_text", "parse_edit", "png_info",
+           "read_png_settings", "resolve_settings", "sampler_name"]
 
 PROG = "sega-jax"
-MODEL_ENV = "SEGA_JAX_MODEL"
-METADATA_KEY = "sega_jax"  # the PNG text chunk holding the full settings as JSON
-FORMAT = "sega-jax/1"
-NEVER = 10**6  # a cooldown step no loop reaches: diffusers' `edit_cooldown_steps=None`
 EXTERNAL = {
     "sweep": ("sega_jax.sweep", "seed x edit-strength sweeps over all devices (resumable, multi-host)"),
     "bench": ("sega_jax.benchmark", "time sega-jax against diffusers on the same model"),
 }
-DEFAULTS: dict[str, Any] = dict(
-    model=None,
-    prompt=None,
-    negative_prompt=None,
-    edit=[],
-    steps=50,
-    guidance=7.5,
-    scheduler=None,
-    height=None,
-    width=None,
-    seed=None,
-    n=1,
-    dtype="float32",
-    eta=0.0,
-    momentum_scale=0.1,
-    mom_beta=0.4,
-    safety_checker=True,
-)
-# What a PNG's settings may set (the rest are about this run: output, cache, progress).
-SETTING_KEYS = tuple(DEFAULTS)
 EDIT_HELP = """\
 Edit syntax: --edit "TEXT[@OPTIONS]", repeatable, one concept per flag. TEXT may contain commas; OPTIONS
 is a comma-separated list of
@@ -67,115 +64,11 @@ Every PNG carries its settings (an A1111-style `parameters` text and JSON under 
 The model is --model, else $SEGA_JAX_MODEL, else 'tiny' (random weights, no download)."""
 
 
-class CLIError(ValueError):
-    """A bad flag or value: reported as one line, exit status 2."""
-
-
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`sega-jax generate: error: ...`) instead of usage + error."""
 
     def error(self, message: str):
         raise CLIError(f"{message} (see {self.prog} --help)")
-
-
-# -- edits -------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Edit:
-    """One editing concept and its settings (diffusers' per-concept defaults)."""
-
-    prompt: str
-    scale: float = 5.0
-    threshold: float = 0.9
-    warmup: int = 10
-    cooldown: int | None = None
-    weight: float = 1.0
-    reverse: bool = False
-
-    def inline(self) -> str:
-        """The canonical `--edit` form, which `parse_edit` reads back to the same Edit."""
-        options = [f"scale={_num(self.scale)}", f"threshold={_num(self.threshold)}", f"warmup={self.warmup}"]
-        if self.cooldown is not None:
-            options.append(f"cooldown={self.cooldown}")
-        if self.weight != 1.0:
-            options.append(f"weight={_num(self.weight)}")
-        if self.reverse:
-            options.append("reverse")
-        return f"{self.prompt}@{','.join(options)}"
-
-
-def _num(value: float) -> str:
-    short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
-
-
-def _finite(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CLIError(f"{what} must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise CLIError(f"{what} must be a finite number, got {text!r}")
-    return value
-
-
-def _integer(text: str, what: str, minimum: int = 0, maximum: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise CLIError(f"{what} must be an integer, got {text!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise CLIError(f"{what} must be an integer {bound}, got {value}")
-    return value
-
-
-def _boolean(text: str, what: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("", "1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise CLIError(f"{what} must be true or false, got {text!r}")
-
-
-def _edit_option(key: str, value: str | None, spec: str) -> tuple[str, Any]:
-    where = f"--edit {spec!r}: {key}"
-    if key == "reverse":
-        return key, True if value is None else _boolean(value, where)
-    if value is None:
-        raise CLIError(f"--edit {spec!r}: option {key!r} needs a value ({key}=...)")
-    if key == "scale":
-        return key, _finite(value, where)
-    if key == "threshold":
-        threshold = _finite(value, where)
-        if not 0.0 <= threshold <= 1.0:
-            raise CLIError(f"{where} must lie in [0, 1] (it is a quantile), got {value}")
-        return key, threshold
-    if key == "warmup":
-        return key, _integer(value, where)
-    if key == "cooldown":
-        return key, None if value.strip().lower() in ("none", "never") else _integer(value, where)
-    if key == "weight":
-        return key, _finite(value, where)
-    keys = "scale, threshold, warmup, cooldown, weight, reverse"
-    raise CLIError(f"--edit {spec!r}: unknown option {key!r} (options: {keys})")
-
-
-def parse_edit(spec: str) -> Edit:
-    """`"TEXT@scale=5,threshold=0.975,warmup=10,cooldown=40,weight=1,reverse"` -> Edit."""
-    text, _, options = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    if not text.strip():
-        raise CLIError(f"--edit {spec!r}: the concept text is empty")
-    values: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        key, eq, value = item.partition("=")
-        key, parsed = _edit_option(key.strip().lower(), value.strip() if eq else None, spec)
-        if key in values:
-            raise CLIError(f"--edit {spec!r}: option {key!r} given twice")
-        values[key] = parsed
-    return Edit(text.strip(), **values)
 
 
 # -- the parser --------------------------------------------------------------------------------------------
@@ -195,7 +88,7 @@ def _arg(kind, what: str, **bounds):
 
 
 def _size(text: str, what: str) -> int:
-    value = _integer(text, what, minimum=8)
+    value = parse_integer(text, what, minimum=8)
     if value % 8:
         raise CLIError(f"{what} must be a multiple of 8, got {value}")
     return value
@@ -223,21 +116,22 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add("--negative-prompt", help="what to steer away from (diffusers' negative_prompt)")
     add("--edit", action="append", metavar="TEXT[@OPTIONS]", type=_arg(_edit, "--edit"),
         help="an editing concept with its settings (repeatable; syntax below)")
-    add("--steps", type=_arg(_integer, "--steps", minimum=1, maximum=1000),
+    add("--steps", type=_arg(parse_integer, "--steps", minimum=1, maximum=1000),
         help="denoising steps (num_inference_steps; default 50)")
-    add("--guidance", type=_arg(_finite, "--guidance"), help="classifier-free guidance scale (default 7.5)")
+    add("--guidance", type=_arg(parse_finite, "--guidance"),
+        help="classifier-free guidance scale (default 7.5)")
     add("--scheduler", help="ddim, pndm, plms, lms, lms-karras, euler, euler-karras, euler-a, dpm++2m, "
                             "dpm++2m-karras or a diffusers class name (default: the model's own)")
     add("--height", type=_arg(_size, "--height"), help="image height, a multiple of 8 (default: the model's)")
     add("--width", type=_arg(_size, "--width"), help="image width, a multiple of 8 (default: the model's)")
-    add("--seed", type=_arg(_integer, "--seed", maximum=2**32 - 1),
+    add("--seed", type=_arg(parse_integer, "--seed", maximum=2**32 - 1),
         help="random seed in [0, 2**32) (default: a random one, printed and saved in the PNG)")
-    add("--n", type=_arg(_integer, "--n", minimum=1, maximum=1024), help="images per prompt (default 1)")
+    add("--n", type=_arg(parse_integer, "--n", minimum=1, maximum=1024), help="images per prompt (default 1)")
     add("--dtype", type=_arg(_dtype, "--dtype"), help="float32 (default), bfloat16 or float16")
-    add("--eta", type=_arg(_finite, "--eta"), help="DDIM eta (default 0)")
-    add("--momentum-scale", type=_arg(_finite, "--momentum-scale"),
+    add("--eta", type=_arg(parse_finite, "--eta"), help="DDIM eta (default 0)")
+    add("--momentum-scale", type=_arg(parse_finite, "--momentum-scale"),
         help="SEGA momentum scale (edit_momentum_scale; default 0.1)")
-    add("--mom-beta", type=_arg(_finite, "--mom-beta"),
+    add("--mom-beta", type=_arg(parse_finite, "--mom-beta"),
         help="SEGA momentum beta (edit_mom_beta; default 0.4)")
     add("--no-safety-checker", dest="safety_checker", action="store_false",
         help="skip the model's safety checker (when its folder has one)")
@@ -263,140 +157,6 @@ def build_parser() -> Parser:
     for name, (_, text) in EXTERNAL.items():
         commands.add_parser(name, help=text, add_help=False)
     return parser
-
-
-# -- settings ----------------------------------------------------------------------------------------------
-
-
-def read_png_settings(path: str | os.PathLike) -> tuple[dict, int]:
-    """(settings, index in its batch) from a PNG written by `sega-jax generate`."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}) or {})
-    except OSError as err:
-        raise CLIError(f"--from-png {path}: cannot read it as an image ({err})") from None
-    if METADATA_KEY not in text:
-        raise CLIError(f"--from-png {path}: no '{METADATA_KEY}' settings in this PNG "
-                       "(only PNGs written by sega-jax generate can be reproduced)")
-    try:
-        data = json.loads(text[METADATA_KEY])
-        settings, index = data["settings"], int(data.get("index", 0))
-    except (ValueError, KeyError, TypeError) as err:
-        raise CLIError(f"--from-png {path}: unreadable '{METADATA_KEY}' settings ({err})") from None
-    return {k: v for k, v in settings.items() if k in SETTING_KEYS}, index
-
-
-def resolve_settings(args: argparse.Namespace) -> tuple[dict, int | None]:
-    """Flags over the PNG's settings over the defaults; (settings, the PNG's image index or None)."""
-    given = {k: v for k, v in vars(args).items() if k in SETTING_KEYS}
-    from_png, index = ({}, None)
-    if getattr(args, "from_png", None):
-        from_png, index = read_png_settings(args.from_png)
-        if "n" in given:
-            index = None  # a new batch size: write the whole batch
-    settings = {**DEFAULTS, **from_png, **given}
-    settings["model"] = settings["model"] or os.environ.get(MODEL_ENV) or "tiny"
-    if not settings["prompt"]:
-        raise CLIError("--prompt is required (or --from-png FILE)")
-    for spec in settings["edit"]:
-        parse_edit(spec)  # a PNG's edits are checked like flags
-    return settings, index
-
-
-def edit_kwargs(edits: Sequence[Edit]) -> dict:
-    """diffusers' per-concept arguments for the edits."""
-    if not edits:
-        return {}
-    cooldowns = [NEVER if e.cooldown is None else e.cooldown for e in edits]
-    return dict(
-        editing_prompt=[e.prompt for e in edits],
-        edit_guidance_scale=[e.scale for e in edits],
-        edit_threshold=[e.threshold for e in edits],
-        edit_warmup_steps=[e.warmup for e in edits],
-        edit_cooldown_steps=None if all(e.cooldown is None for e in edits) else cooldowns,
-        edit_weights=[e.weight for e in edits],
-        reverse_editing_direction=[e.reverse for e in edits],
-    )
-
-
-def call_kwargs(settings: dict) -> dict:
-    """The pipeline call (diffusers' argument names) for CLI settings."""
-    return dict(
-        prompt=settings["prompt"],
-        negative_prompt=settings["negative_prompt"],
-        num_inference_steps=settings["steps"],
-        guidance_scale=settings["guidance"],
-        height=settings["height"],
-        width=settings["width"],
-        num_images_per_prompt=settings["n"],
-        eta=settings["eta"],
-        seed=settings["seed"],
-        edit_momentum_scale=settings["momentum_scale"],
-        edit_mom_beta=settings["mom_beta"],
-        run_safety_checker=settings["safety_checker"],
-        **edit_kwargs([parse_edit(spec) for spec in settings["edit"]]),
-    )
-
-
-# -- PNG metadata ------------------------------------------------------------------------------------------
-
-
-def sampler_name(config: dict) -> str:
-    """The scheduler as other SD tools name it ("DDIM", "Euler a", "DPM++ 2M Karras", ...)."""
-    name = config.get("_class_name", "?")
-    karras = " Karras" if config.get("use_karras_sigmas") else ""
-    if name == "DPMSolverMultistepScheduler":
-        plus = "++" if config.get("algorithm_type") == "dpmsolver++" else ""
-        return f"DPM{plus} {config.get('solver_order', 2)}M{karras}"
-    if name == "PNDMScheduler":
-        return "PLMS" if config.get("skip_prk_steps") else "PNDM"
-    base = {"DDIMScheduler": "DDIM", "LMSDiscreteScheduler": "LMS", "EulerDiscreteScheduler": "Euler",
-            "EulerAncestralDiscreteScheduler": "Euler a"}.get(name, name)
-    return base + karras
-
-
-def _field(value: Any) -> str:
-    text = str(value)
-    return json.dumps(text) if any(c in text for c in ',:\n"') else text
-
-
-def parameters_text(settings: dict, sampler: str, index: int) -> str:
-    """The A1111-style `parameters` text: prompt, negative prompt, then `Key: value` pairs."""
-    lines = [settings["prompt"]]
-    if settings["negative_prompt"]:
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    pairs = {
-        "Steps": settings["steps"], "Sampler": sampler, "CFG scale": _num(settings["guidance"]),
-        "Seed": settings["seed"], "Size": f"{settings['width']}x{settings['height']}",
-        "Model": settings["model"], "Eta": _num(settings["eta"]), "Dtype": settings["dtype"],
-    }
-    if settings["n"] > 1:
-        pairs.update({"Batch size": settings["n"], "Batch pos": index})
-    if settings["edit"]:
-        pairs["SEGA"] = " | ".join(settings["edit"])
-        pairs["SEGA momentum"] = _num(settings["momentum_scale"])
-        pairs["SEGA momentum beta"] = _num(settings["mom_beta"])
-    from sega_jax import __version__
-
-    pairs["Version"] = f"sega-jax {__version__}"
-    lines.append(", ".join(f"{key}: {_field(value)}" for key, value in pairs.items()))
-    return "\n".join(lines)
-
-
-def png_info(settings: dict, scheduler_config: dict, index: int):
-    """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from sega_jax import __version__
-
-    info = PngInfo()
-    info.add_text("parameters", parameters_text(settings, sampler_name(scheduler_config), index))
-    data = {"format": FORMAT, "version": __version__, "settings": settings, "index": index,
-            "scheduler_config": scheduler_config, "call": call_kwargs(settings)}
-    info.add_text(METADATA_KEY, json.dumps(data, default=str))
-    return info
 
 
 # -- output paths ------------------------------------------------------------------------------------------

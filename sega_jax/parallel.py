@@ -16,6 +16,7 @@ of the batch (`process_share`); the processes need no communication.
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -40,17 +41,12 @@ REPLICATIONS = {"count": 0}  # weight replications onto a device set; tests chec
 # Batch axis of each input of the per-device body (None: replicated).
 _IN_AXES = dict(unet=None, vae=None, schedule=None, noise=0, context=1, params=0, keys=0, eta=None, replay=1)
 
-# diffusers' defaults for the edit settings a sweep may vary.
-EDIT_DEFAULTS = dict(
-    edit_guidance_scale=5,
-    edit_threshold=0.9,
-    edit_warmup_steps=10,
-    edit_cooldown_steps=None,
-    reverse_editing_direction=False,
-    edit_weights=None,
-    edit_momentum_scale=0.1,
-    edit_mom_beta=0.4,
-)
+# diffusers' defaults for the edit settings a sweep may vary (one source: `EditParams.create`).
+EDIT_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(EditParams.create).parameters.items()
+    if name.startswith("edit_") or name == "reverse_editing_direction"
+}
 SETTING_KEYS = ("guidance_scale", *EDIT_DEFAULTS)
 
 

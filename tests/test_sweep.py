@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sega_jax import sweep
+from sega_jax import sweep, sweep_files
 from tests.tiny_pipeline import save_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,11 +265,11 @@ def test_flags_build_a_spec_and_override_the_file(tmp_path):
 
 
 def test_setting_labels_show_what_varies():
-    labels = sweep.setting_labels(
+    labels = sweep_files.setting_labels(
         [
             dict(edit_guidance_scale=3, edit_threshold=0.9),
             dict(edit_guidance_scale=[3, 6], edit_threshold=0.9),
         ]
     )
     assert labels == [["scale 3"], ["scale 3/6"]]
-    assert sweep.setting_labels([{}]) == [["setting 0"]]
+    assert sweep_files.setting_labels([{}]) == [["setting 0"]]

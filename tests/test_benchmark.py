@@ -1,0 +1,26 @@
+"""scripts/benchmark.py runs both pipelines side by side and their outputs agree."""
+
+from __future__ import annotations
+
+import re
+
+from sega_jax import benchmark
+
+
+def test_benchmark_prints_both_timings_the_ratio_and_matching_outputs(capsys):
+    assert benchmark.main(["--model", "tiny", "--steps", "2", "--concepts", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    ours = re.search(r"^sega-jax : +([0-9.]+) ms/step .* compile ([0-9.]+) s .*peak \+\d+ MB", out, re.M)
+    theirs = re.search(r"^diffusers: +([0-9.]+) ms/step .*peak \+\d+ MB.*\(cpu, float32\)", out, re.M)
+    ratio = re.search(r"^ratio diffusers/sega-jax per step: ([0-9.]+)x", out, re.M)
+    diff = re.search(r"^max relative difference of the outputs: ([0-9.e+-]+)", out, re.M)
+    assert ours and theirs and ratio and diff, out
+    assert abs(float(ratio.group(1)) - float(theirs.group(1)) / float(ours.group(1))) < 0.02
+    assert float(diff.group(1)) < 1e-4  # the same latents from the same weights and noise
+
+
+def test_unet_flops_scale_with_batch_and_area():
+    args = benchmark.parse(["--model", "sd15", "--concepts", "4"])
+    assert benchmark.unet_flops_per_step(args) == 0.80e12 * 6  # 512x512: (uncond, text, 4 concepts)
+    args = benchmark.parse(["--model", "sd15", "--concepts", "0", "--size", "256"])
+    assert benchmark.unet_flops_per_step(args) == 0.80e12 * 2 / 4

@@ -1,4 +1,8 @@
-"""SemanticStableDiffusionPipeline: diffusers' arguments, one compiled SEGA loop, all I/O on the host."""
+"""SemanticStableDiffusionPipeline: diffusers' arguments, one compiled SEGA loop, all I/O on the host.
+
+One class, as in diffusers; it is long because `__call__` and `prepare` both spell out diffusers' 25
+arguments. Loading lives in `loading.py`, argument checks in `pipeline_inputs.py`, the loop in `sampler.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import logging
 import os
 import secrets
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -20,20 +23,14 @@ from PIL import Image
 from sega_jax import pipeline_inputs as inputs
 from sega_jax.cache import enable_compilation_cache
 from sega_jax.guidance import EditParams
-from sega_jax.image_processing import load_feature_extractor
-from sega_jax.models.clip import load_text_encoder
-from sega_jax.models.safety_checker import load_safety_checker
+from sega_jax.loading import load_components
 from sega_jax.models.safety_checker import run_safety_checker as check_safety
-from sega_jax.models.unet import load_unet
-from sega_jax.models.vae import load_vae
 from sega_jax.sampler import SampleOutput, sega_sample
-from sega_jax.schedulers import load_scheduler, scheduler_from_name
-from sega_jax.tokenizer import load_tokenizer, tokenize
-from sega_jax.weights import resolve_dtype
+from sega_jax.schedulers import scheduler_from_name
+from sega_jax.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TRACE_COUNT = {"denoise": 0}  # how many times the denoising loop was traced (compiled); tests read it
 _HOST_HOOKS: list = []  # the running call's per-step host hook; a fixed function keeps the jit cache hot
 
@@ -134,41 +131,6 @@ def _decode(graph, state, latents, scaling_factor):
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def _resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> Path:
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    if (
-        path.exists()
-        or str(path_or_hub_id).startswith((".", "/", "~"))
-        or str(path_or_hub_id).count("/") != 1
-    ):
-        raise FileNotFoundError(
-            f"{path_or_hub_id}: not a diffusers pipeline folder (expected a folder with "
-            f"{', '.join(COMPONENTS)}) nor a hub id like 'owner/name'"
-        )
-    from huggingface_hub import snapshot_download
-
-    patterns = _hub_patterns(variant)
-    try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
-    except Exception as err:  # huggingface_hub raises many types for offline / missing repos
-        raise OSError(
-            f"{path_or_hub_id}: could not download from the Hugging Face hub ({type(err).__name__}: "
-            f"{err}). Offline? Pass a local diffusers folder instead, e.g. one saved with "
-            "diffusers' `save_pretrained`."
-        ) from err
-
-
-def _hub_patterns(variant: str | None) -> list[str]:
-    """Only the component files we load: not the root's single-file checkpoints, not the other
-    variant's weights. `-*` matches the shards named by a `*.safetensors.index.json`."""
-    tag = f".{variant}" if variant else ""
-    weights = [f"*/{name}{tag}{suffix}" for name in ("diffusion_pytorch_model", "model")
-               for suffix in (".safetensors", "-*-of-*.safetensors")]
-    return ["model_index.json", "*/*.json", "*/*.txt", *weights]
-
-
 class SemanticStableDiffusionPipeline:
     """Stable Diffusion with semantic guidance; `__call__` takes diffusers' arguments (see the README)."""
 
@@ -217,26 +179,8 @@ class SemanticStableDiffusionPipeline:
     ) -> SemanticStableDiffusionPipeline:
         """Load a diffusers-format pipeline folder (or a hub id, when online). `dtype` casts all weights
         ("float32" default, "bfloat16", "float16"); components may be passed in to replace loaded ones."""
-        resolve_dtype(dtype)
-        folder = _resolve_folder(path_or_hub_id, variant)
-        load = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
-        loaders = {
-            "unet": lambda: load_unet(folder / "unet", **load),
-            "vae": lambda: load_vae(folder / "vae", **load),
-            "text_encoder": lambda: load_text_encoder(folder / "text_encoder", **load),
-            "tokenizer": lambda: load_tokenizer(folder / "tokenizer"),
-            "scheduler": lambda: load_scheduler(folder / "scheduler"),
-        }
-        # diffusers' convention: a folder's `safety_checker/` loads unless `safety_checker=None` is passed.
-        has_checker = (folder / "safety_checker").is_dir() and (folder / "feature_extractor").is_dir()
-        if has_checker:
-            loaders["safety_checker"] = lambda: load_safety_checker(folder / "safety_checker", **load)
-            loaders["feature_extractor"] = lambda: load_feature_extractor(folder / "feature_extractor")
-        parts = {name: components.pop(name) if name in components else loaders[name]() for name in loaders}
-        parts.setdefault("safety_checker", components.pop("safety_checker", None))
-        parts.setdefault("feature_extractor", components.pop("feature_extractor", None))
-        if components:
-            raise TypeError(f"from_pretrained: unknown component(s) {sorted(components)}")
+        parts = load_components(path_or_hub_id, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
+                                **components)
         return cls(**parts, requires_safety_checker=requires_safety_checker)
 
     def set_scheduler(self, scheduler) -> None:

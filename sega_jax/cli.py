@@ -193,20 +193,12 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 def load_pipeline(settings: dict, progress: bool = False):
     """The model named by the settings, with their scheduler; a per-step progress bar if asked."""
+    from sega_jax import tiny
+
     if settings["model"] == "tiny":
-        from sega_jax.tiny import TINY_NOTICE, tiny_pipeline
-
-        print(TINY_NOTICE, flush=True)
-        pipe = tiny_pipeline(dtype=settings["dtype"])
-    else:
-        from sega_jax import SemanticStableDiffusionPipeline
-
-        pipe = SemanticStableDiffusionPipeline.from_pretrained(
-            settings["model"], dtype=settings["dtype"], requires_safety_checker=False)
-    if settings["scheduler"]:
-        pipe.set_scheduler(settings["scheduler"])
-    pipe.set_progress_bar_config(disable=not progress)
-    return pipe
+        print(tiny.TINY_NOTICE, flush=True)
+    return tiny.load_pipeline(settings["model"], dtype=settings["dtype"], scheduler=settings["scheduler"],
+                              progress=progress)
 
 
 def _check_early(settings: dict, out: str | None) -> None:
@@ -280,7 +272,7 @@ def _configure_cache(no_cache: bool) -> None:
     if no_cache:
         os.environ[ENV_VAR] = "off"  # also for the pipeline's own call
         return
-    enable_compilation_cache()
+    enable_compilation_cache()  # before the model loads: its small cast programs are cached too
 
 
 # -- entry point -------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sega_jax.tiny import SD_DDIM  # Stable Diffusion 1.x's scheduler_config.json
+
 TINY_UNET = dict(
     block_out_channels=(32, 64),
     layers_per_block=1,
@@ -64,14 +66,6 @@ SD15_TEXT = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 CONFIGS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
 
 
@@ -112,7 +106,7 @@ def build_reference(model: str = "tiny", seed: int = 0, *, randomized: bool = Tr
         text_encoder=text.eval(),
         tokenizer=clip_tokenizer(),
         unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(SD_DDIM),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -28,7 +28,7 @@ from sega_jax.models.vae import AutoencoderKL, VAEConfig
 from sega_jax.pipeline import SemanticStableDiffusionPipeline
 from sega_jax.schedulers import scheduler_from_config
 from sega_jax.tokenizer import clip_tokenizer, offline_clip_tokenizer
-from sega_jax.weights import resolve_dtype, torch_parameter_layouts
+from sega_jax.weights import resolve_dtype, to_torch_layout, torch_parameter_layouts
 
 TINY_UNET = UNetConfig(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -140,21 +140,28 @@ def tiny_pipeline(seed: int = 0, dtype=None) -> SemanticStableDiffusionPipeline:
     )
 
 
+def load_pipeline(model: str, *, dtype=None, scheduler: str | None = None, progress: bool = False):
+    """The pipeline a model name stands for in the CLI and sweeps: "tiny" (built here, random weights) or a
+    diffusers folder / hub id; with `scheduler` swapped in and a per-step progress bar only if asked."""
+    if model == "tiny":
+        pipe = tiny_pipeline(dtype=dtype)
+    else:
+        pipe = SemanticStableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, requires_safety_checker=False
+        )
+    if scheduler:
+        pipe.set_scheduler(scheduler)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
 # -- saving as a diffusers folder ---------------------------------------------------------------------------
-
-
-def _to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":
-        return np.transpose(value, (3, 2, 0, 1))
-    if kind == "linear":
-        return np.transpose(value)
-    return value
 
 
 def module_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
     """The module's parameters under their checkpoint keys, in torch's layout (float32)."""
     return {
-        key: np.ascontiguousarray(_to_torch_layout(np.asarray(param[...], np.float32), kind))
+        key: np.ascontiguousarray(to_torch_layout(np.asarray(param[...], np.float32), kind))
         for key, (param, kind) in torch_parameter_layouts(module).items()
     }
 

@@ -234,12 +234,19 @@ def assign_weights(model: nnx.Module, tensors: dict[str, tuple[np.ndarray, Path]
     return model
 
 
+# Our layout -> torch's (the inverse of `_LAYOUTS`): conv HWIO -> OIHW, linear (in, out) -> (out, in).
+_TO_TORCH_AXES = {"conv": (3, 2, 0, 1), "linear": (1, 0)}
+
+
 def _torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    if kind == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    if kind == "linear":
-        return tuple(reversed(shape))
-    return tuple(shape)
+    axes = _TO_TORCH_AXES.get(kind)
+    return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
+
+
+def to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    """One of our parameters in the checkpoint's (torch's) layout, for writing a diffusers folder."""
+    axes = _TO_TORCH_AXES.get(kind)
+    return value if axes is None else np.transpose(value, axes)
 
 
 def load_model(build: Callable[[], nnx.Module], folder: str | os.PathLike, *, dtype=None,

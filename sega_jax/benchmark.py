@@ -87,12 +87,6 @@ def call_kwargs(args) -> dict:
     )
 
 
-def pipe_on_gpu() -> bool:
-    import jax
-
-    return jax.default_backend() == "gpu"
-
-
 def time_ours(folder: Path, latents: np.ndarray, args) -> dict:
     from sega_jax import SemanticStableDiffusionPipeline
 
@@ -115,7 +109,7 @@ def time_ours(folder: Path, latents: np.ndarray, args) -> dict:
         total_s=best,
         compile_s=first_s - best,
         peak_mb=memory.peak / 2**20,
-        gpu_mb=_jax_gpu_peak_mb() if pipe_on_gpu() else None,
+        gpu_mb=_jax_gpu_peak_mb(),
         images=out.images,
         first=first.images,
     )
@@ -156,8 +150,11 @@ def unet_flops_per_step(args) -> float:
 
 
 def _jax_gpu_peak_mb() -> float | None:
+    """JAX's peak GPU bytes in use, in MB; None off the GPU."""
     import jax
 
+    if jax.default_backend() != "gpu":
+        return None
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20

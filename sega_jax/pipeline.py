@@ -479,6 +479,13 @@ class SemanticStableDiffusionPipeline:
         hook.close = bar.close
         return hook
 
+    def check_safety(self, images: np.ndarray, run: bool = True) -> tuple[np.ndarray, list[bool] | None]:
+        """(images, nsfw flags) for decoded NHWC images in [0, 1]: flagged ones blacked out by the loaded
+        safety checker (compiled once); unchanged with None flags when none is loaded or `run` is False."""
+        if self.safety_checker is None or not run:
+            return images, None
+        return check_safety(self.safety_checker, self.feature_extractor, images, split=self._checker)
+
     def finish(
         self,
         out: SampleOutput,
@@ -502,10 +509,8 @@ class SemanticStableDiffusionPipeline:
                 "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'."
             )
         nsfw = None
-        if output_type != "latent" and self.safety_checker is not None and run_safety_checker:
-            images, nsfw = check_safety(
-                self.safety_checker, self.feature_extractor, images, split=self._checker
-            )
+        if output_type != "latent":
+            images, nsfw = self.check_safety(images, run_safety_checker)
         if output_type == "pil":
             images = [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]
         if not return_dict:

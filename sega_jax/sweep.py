@@ -26,7 +26,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -67,20 +67,9 @@ class SweepSummary(NamedTuple):
 
 def load_pipeline(spec: SweepSpec):
     """The spec's model: a folder / hub id (from_pretrained) or "tiny" (sega_jax.tiny, random weights)."""
-    if spec.model == "tiny":
-        from sega_jax.tiny import tiny_pipeline
+    from sega_jax.tiny import load_pipeline as load_named
 
-        pipe = tiny_pipeline(dtype=spec.dtype)
-    else:
-        from sega_jax import SemanticStableDiffusionPipeline
-
-        pipe = SemanticStableDiffusionPipeline.from_pretrained(
-            spec.model, dtype=spec.dtype, requires_safety_checker=False
-        )
-    if spec.scheduler:
-        pipe.set_scheduler(spec.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_named(spec.model, dtype=spec.dtype, scheduler=spec.scheduler)
 
 
 class _Jobs:
@@ -171,18 +160,7 @@ def _decode_chunk(pipe, spec: SweepSpec, job, devices: tuple) -> tuple[np.ndarra
     out = parallel.run(
         pipe, job, mode=spec.mode, devices=devices, per_device_batch=spec.batch_per_device, decode=True
     )
-    images = np.asarray(out.images)
-    if pipe.safety_checker is None or not spec.run_safety_checker:
-        return images, None
-    from sega_jax.models.safety_checker import run_safety_checker
-
-    return run_safety_checker(pipe.safety_checker, pipe.feature_extractor, images)
-
-
-def _work(spec: SweepSpec, done: set[str], process_index: int, process_count: int) -> list[list[Item]]:
-    """This process's groups that still miss an image."""
-    mine = groups(items(spec), spec.batch_per_device)[process_index::process_count]
-    return [g for g in mine if any(item.file not in done for item in g)]
+    return pipe.check_safety(np.asarray(out.images), spec.run_safety_checker)
 
 
 def run_sweep(
@@ -201,27 +179,24 @@ def run_sweep(
     prepare_output(spec, index, count)
     writer = ManifestWriter(spec.output / manifest_name(index, count))
     done = {record["file"] for record in read_manifest(spec.output)}
-    mine = groups(items(spec), spec.batch_per_device)[index::count]
-    todo = _work(spec, done, index, count)
+    all_items = items(spec)
+    mine = groups(all_items, spec.batch_per_device)[index::count]
+    todo = [g for g in mine if any(item.file not in done for item in g)]  # groups still missing an image
     total_mine = sum(len(g) for g in mine)
-    skipped = total_mine - _missing(todo, done)
+    skipped = total_mine - sum(item.file not in done for g in todo for item in g)
     started, written, rate = time.perf_counter(), 0, float("nan")
     try:
         if todo:
             pipe = load_pipeline(spec) if pipe is None else pipe
-            written, rate = _compute(spec, pipe, todo, done, writer, index, progress, total_mine)
+            written, rate = _compute(spec, pipe, todo, done, writer, index, progress, total_mine, skipped)
     finally:
         writer.close()
     seconds = time.perf_counter() - started
     write_contact_sheets(spec, index)
-    return SweepSummary(len(items(spec)), total_mine, skipped, written, seconds, rate)
+    return SweepSummary(len(all_items), total_mine, skipped, written, seconds, rate)
 
 
-def _missing(todo: Iterable[list[Item]], done: set[str]) -> int:
-    return sum(item.file not in done for g in todo for item in g)
-
-
-def _compute(spec, pipe, todo, done, writer, index, progress, total_mine) -> tuple[int, float]:
+def _compute(spec, pipe, todo, done, writer, index, progress, total_mine, skipped) -> tuple[int, float]:
     """Run this process's remaining groups; returns (images written, images/s after the first chunk)."""
     from tqdm.auto import tqdm
 
@@ -229,7 +204,6 @@ def _compute(spec, pipe, todo, done, writer, index, progress, total_mine) -> tup
 
     devices = parallel.resolve_devices(spec.devices)
     jobs, size = _Jobs(pipe, spec), spec.batch_per_device
-    skipped = total_mine - _missing(todo, done)
     bar = tqdm(total=total_mine, initial=skipped, unit="img", desc="sweep", disable=not progress)
     written, first_chunk = 0, None
     for start in range(0, len(todo), len(devices)):

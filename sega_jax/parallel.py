@@ -203,6 +203,7 @@ def _body(static: _Static, counter: str):
                 eta=eta,
                 replay=None if replay_i is None else replay_i[:, None],
                 record_estimates=static.record,
+                shared_latents=True,
             )
 
         out = jax.vmap(one, in_axes=(0, 1, 0, 0, 1))(noise, context, params, keys, replay)

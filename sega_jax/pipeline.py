@@ -117,6 +117,7 @@ def _denoise(
         record_estimates=record,
         on_step=_host_step if host else None,
         emit_latents=emit_latents,
+        shared_latents=True,
     )
 
 

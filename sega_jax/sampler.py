@@ -50,6 +50,7 @@ def sega_sample(
     record_estimates: bool = False,
     on_step: Callable[..., None] | None = None,
     emit_latents: bool = False,
+    shared_latents: bool = False,
 ) -> SampleOutput:
     """Run the SEGA loop from unit-variance `noise` (B, H, W, C).
 
@@ -57,7 +58,9 @@ def sega_sample(
     else just the prompt's (1, B, L, D). The denoiser runs once per step on all copies as one batch.
     `replay` (steps, B, H, W, C) is guidance added at each step (the `sem_guidance` argument).
     `on_step(i, t[, latents])` is called on the host through `jax.debug.callback` (progress bars, user
-    callbacks).
+    callbacks). With `shared_latents` the denoiser gets the latents once, (B, H, W, C), beside all the
+    copies' context (copies*B, L, D), and must answer for every copy, as `UNet2DConditionModel` does
+    (computing what precedes its first cross-attention once); otherwise it gets the latents tiled.
     """
     copies = 2 + num_concepts if do_cfg else 1
     if context.shape[0] != copies:
@@ -73,7 +76,9 @@ def sega_sample(
     def body(carry, xs):
         x, momentum, state = carry
         i, t, replay_i = xs
-        model_in = jnp.concatenate([scheduler.scale_model_input(schedule, x, i)] * copies)
+        model_in = scheduler.scale_model_input(schedule, x, i)
+        if not shared_latents:
+            model_in = jnp.concatenate([model_in] * copies)
         out = eps(model_in, t, flat_context).astype(jnp.float32).reshape(copies, *x.shape)
         if do_cfg:
             pred, momentum, applied = sega_step(out[0], out[1], out[2:], momentum, i, params, replay_i)

@@ -30,6 +30,7 @@ def _no_forced_backend(monkeypatch):
 
 _xla = jax.jit(A.xla_attention)
 _chunked = jax.jit(A.chunked_attention, static_argnames=("q_chunk", "k_chunk"))
+_batched = jax.jit(A.batched_attention)
 
 
 # (b, lq, lk, heads, head_dim, q_chunk, k_chunk): defaults, odd lengths with query padding, online softmax
@@ -55,6 +56,21 @@ def test_chunked_equals_plain_fp32(b, lq, lk, h, d, qc, kc):
     assert max_rel_diff(out, ref) < FP32_TOL
 
 
+# Short key sequences, the batched backend's domain: CLIP, cross-attention onto 77 tokens at the tiny model's
+# and SD's shapes (odd query counts included), SD's lowest-level self-attention.
+BATCHED_SHAPES = [(2, 77, 77, 12, 64), (6, 1024, 77, 4, 8), (2, 1000, 77, 3, 40), (2, 4096, 77, 8, 40),
+                  (2, 256, 256, 8, 160), (1, 33, 5, 2, 16)]
+
+
+@pytest.mark.parametrize("b, lq, lk, h, d", BATCHED_SHAPES)
+def test_batched_equals_plain_fp32(b, lq, lk, h, d):
+    q, k, v = _qkv(lq + lk + d, b, lq, lk, h, d)
+    ref = _xla(q, k, v)
+    out = _batched(q, k, v)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert max_rel_diff(out, ref) < FP32_TOL
+
+
 def _masks(b, h, lq, lk):
     rng = np.random.default_rng(0)
     random = rng.random((b, h, lq, lk)) < rng.random((b, h, 1, 1))  # per batch and head, varying density
@@ -75,11 +91,19 @@ def test_chunked_mask_equals_plain(kind, qc, kc):
     assert max_rel_diff(out, ref) < FP32_TOL
 
 
+@pytest.mark.parametrize("kind", ["causal", "random", "padding"])
+def test_batched_mask_equals_plain(kind):
+    b, lq, lk, h, d = 2, 300, 77, 3, 32
+    q, k, v = _qkv(8, b, lq, lk, h, d)
+    mask = jnp.asarray(_masks(b, h, lq, lk)[kind])
+    assert max_rel_diff(_batched(q, k, v, mask=mask), _xla(q, k, v, mask=mask)) < FP32_TOL
+
+
 def test_clip_causal_mask_through_dispatcher():
     q, k, v = _qkv(3, 2, 77, 77, 12, 64)
     mask = jnp.tril(jnp.ones((77, 77), bool))[None, None]
     ref = _xla(q, k, v, mask=mask)
-    for impl in ("chunked", "cudnn", None):
+    for impl in ("chunked", "batched", "cudnn", None):
         f = jax.jit(lambda q, k, v, m, i=impl: A.dot_product_attention(q, k, v, mask=m, implementation=i))
         assert max_rel_diff(f(q, k, v, mask), ref) < FP32_TOL, impl
 
@@ -99,6 +123,16 @@ def test_half_precision_within_bound(dtype, b, lq, lk, h, d, qc, kc):
     err, plain_err = max_rel_diff(out, exact), max_rel_diff(plain, exact)
     # Output rounding (2**-8 relative for bf16) plus probabilities cast to half for PV, as in the plain path
     # (measured: chunked 2.8e-3..3.9e-3 vs plain 3.1e-3..4.7e-3 for bf16, 4.3e-4 vs 5.4e-4 for fp16).
+    assert err < 1e-2 and err <= 1.5 * plain_err, (err, plain_err)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_batched_half_precision_within_bound(dtype):
+    q, k, v = _qkv(12, 2, 1000, 77, 3, 40, dtype)
+    exact = _xla(*(t.astype(jnp.float32) for t in (q, k, v)))
+    out, plain = _batched(q, k, v), _xla(q, k, v)
+    assert out.dtype == dtype
+    err, plain_err = max_rel_diff(out, exact), max_rel_diff(plain, exact)
     assert err < 1e-2 and err <= 1.5 * plain_err, (err, plain_err)
 
 
@@ -128,12 +162,13 @@ def _sel(shapes, dtype=jnp.float32, **kw):
 
 def test_auto_selection_on_cpu_and_tpu():
     for platform in ("cpu", "tpu"):
+        short = "batched" if platform == "cpu" else "xla"
         assert _sel(SD_SELF, platform=platform) == "chunked"
         assert _sel(SD_MID, platform=platform) == "chunked"
         assert _sel(VAE, platform=platform) == "chunked"
-        assert _sel(SD_CROSS, platform=platform) == "xla"
-        assert _sel(SD_LOW, platform=platform) == "xla"
-        assert _sel(CLIP, platform=platform, has_mask=True) == "xla"
+        assert _sel(SD_CROSS, platform=platform) == short
+        assert _sel(SD_LOW, platform=platform) == short
+        assert _sel(CLIP, platform=platform, has_mask=True) == short
         assert _sel(SD_SELF, jnp.bfloat16, platform=platform) == "chunked"
 
 

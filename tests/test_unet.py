@@ -65,6 +65,33 @@ def test_unet_matches_diffusers_fp32(tmp_path, config, hw, t):
     assert max_rel_diff(got, nchw_to_nhwc(expected)) <= 1e-4
 
 
+PLAIN_FIRST = dict(SD1_TINY, layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("config", [SD1_TINY, SD2_TINY, PLAIN_FIRST], ids=["sd1", "sd2", "plain-first-block"])
+def test_shared_latents_answer_for_every_context_copy_like_tiled_latents(tmp_path, config):
+    # SEGA's UNet batch [uncond, text, concepts...] repeats one set of latents: given them once with all
+    # the copies' contexts, the UNet must answer as diffusers does for the latents tiled once per copy.
+    reference = save_unet(tmp_path, config)
+    ours = load_unet(tmp_path)
+    sample, context = inputs(config, 2, (16, 16))
+    copies = np.concatenate([context, context[::-1] * 0.5, context + 1.0])  # 3 copies x 2 images
+    expected = torch_forward(reference, np.concatenate([sample] * 3), 500, copies)
+    got = jax_forward(ours, nchw_to_nhwc(sample), np.float32(500), copies)
+    assert got.shape == (6, 16, 16, 4)
+    assert max_rel_diff(got, nchw_to_nhwc(expected)) <= 1e-4
+    tiled = jax_forward(ours, nchw_to_nhwc(np.concatenate([sample] * 3)), np.float32(500), copies)
+    assert max_rel_diff(got, tiled) <= 1e-5
+
+
+def test_context_batch_must_be_a_multiple_of_the_sample_batch(tmp_path):
+    save_unet(tmp_path, SD1_TINY)
+    sample, context = inputs(SD1_TINY, 2, (8, 8))
+    with pytest.raises(ValueError, match="context batch 3 is not a multiple of the sample batch 2"):
+        load_unet(tmp_path)(nchw_to_nhwc(sample), np.float32(1), np.concatenate([context, context[:1]]))
+
+
 def test_unet_bf16_load_stays_close(tmp_path):
     reference = save_unet(tmp_path, SD1_TINY)
     ours = load_unet(tmp_path, dtype="bf16")

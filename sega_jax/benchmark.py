@@ -185,6 +185,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def describe_difference(ours: np.ndarray, reference: np.ndarray) -> str:
+    """Max difference relative to the reference's max, and how many elements exceed 1e-4 of it: SEGA's
+    per-concept threshold is a step function, so fp32 noise can move an element that sits at the quantile
+    across it, which shows as a handful of large differences among elements that agree to ~1e-6."""
+    diff = np.abs(ours - reference) / max(float(np.abs(reference).max()), 1e-12)
+    above = int((diff > 1e-4).sum())
+    return (f"max relative difference of the outputs: {diff.max():.2e} ({above} of {diff.size} elements "
+            f"above 1e-4; median {np.median(diff):.1e})")
+
+
 def _gpu(result: dict) -> str:
     return "" if result.get("gpu_mb") is None else f"  gpu peak {result['gpu_mb']:.0f} MB"
 
@@ -221,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"ratio diffusers/sega-jax per step: {theirs['ms_per_step'] / ours['ms_per_step']:.2f}x")
         with contextlib.suppress(Exception):
-            ref = np.asarray(theirs["images"])
-            diff = np.abs(np.asarray(ours["images"]) - ref).max() / max(np.abs(ref).max(), 1e-12)
-            print(f"max relative difference of the outputs: {diff:.2e}")
+            print(describe_difference(np.asarray(ours["images"]), np.asarray(theirs["images"])))
     return 0
 
 

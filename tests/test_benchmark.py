@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from sega_jax import benchmark
 
 
@@ -24,3 +26,11 @@ def test_unet_flops_scale_with_batch_and_area():
     assert benchmark.unet_flops_per_step(args) == 0.80e12 * 6  # 512x512: (uncond, text, 4 concepts)
     args = benchmark.parse(["--model", "sd15", "--concepts", "0", "--size", "256"])
     assert benchmark.unet_flops_per_step(args) == 0.80e12 * 2 / 4
+
+
+def test_difference_report_counts_elements_beyond_fp32_noise():
+    reference = np.linspace(-2.0, 2.0, 1000, dtype=np.float32)
+    ours = reference * np.float32(1 + 1e-6)
+    ours[[3, 500]] += 0.5  # two elements moved across a guidance threshold
+    text = benchmark.describe_difference(ours, reference)
+    assert text.startswith("max relative difference of the outputs: 2.50e-01 (2 of 1000 elements above 1e-4;")

@@ -139,7 +139,8 @@ def test_sd15_architecture_unet_matches_diffusers(tmp_path):
     assert 850e6 < sum(p.numel() for p in reference.parameters()) < 870e6
     ours = load_unet(tmp_path)
     sample, context = inputs(SD15, 1, (64, 64), seq=77)
-    expected = torch_forward(reference, sample, 801, context)
+    copies = np.concatenate([context, -context])  # shared latents, as the SEGA loop passes them
+    expected = torch_forward(reference, np.concatenate([sample] * 2), 801, copies)
     del reference
-    got = jax_forward(ours, nchw_to_nhwc(sample), np.float32(801), context)
+    got = jax_forward(ours, nchw_to_nhwc(sample), np.float32(801), copies)
     assert max_rel_diff(got, nchw_to_nhwc(expected)) <= 1e-4

@@ -49,6 +49,11 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         w = self.weight[...]
+        if w.shape[:2] == (1, 1) and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
+            # A 1x1 convolution is a matmul over channels: the same numbers, and 1.3-3.7x faster on XLA:CPU
+            # at SD's shapes (proj_in/out, resnet shortcuts).
+            y = jnp.matmul(x.astype(w.dtype), w[0, 0])
+            return y if self.bias is None else y + self.bias[...]
         y = jax.lax.conv_general_dilated(
             x.astype(w.dtype), w, (self.stride, self.stride), self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),

@@ -1,9 +1,10 @@
 """Benchmark the attention backends against each other and against PyTorch's SDPA on this machine.
 
-    python scripts/bench_attention.py                       # the three SD shapes, all variants
+    python scripts/bench_attention.py                       # SD's and the tiny model's shapes, all variants
     python scripts/bench_attention.py --shapes 3,4096,8,40 --variants xla,chunked,torch --rounds 5
 
-Shapes are (batch, length, heads, head_dim) self-attention in fp32. Every variant is jitted and warmed up
+Shapes are (batch, length, heads, head_dim) self-attention, or B,L,H,D,KEYS for cross-attention onto KEYS
+tokens (77: the text encoder's), in fp32. Every variant is jitted and warmed up
 once, then the variants are timed in interleaved rounds in a rotating order (so load from other processes
 hits all of them alike), and the best wall time per variant is printed (ms) with its max relative
 difference to "xla".
@@ -26,7 +27,8 @@ import numpy as np  # noqa: E402
 
 from sega_jax.models import attention as A  # noqa: E402
 
-SHAPES = ["3,4096,8,40", "3,1024,8,80", "1,4096,1,512"]
+SHAPES = ["3,4096,8,40", "3,1024,8,80", "1,4096,1,512", "3,4096,8,40,77", "3,256,8,160", "6,1024,4,8",
+          "6,1024,4,8,77"]
 VARIANTS = {
     "xla": A.xla_attention,  # the plain einsum/softmax path
     "jax.nn(xla)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
@@ -36,6 +38,7 @@ VARIANTS = {
     "chunked q2048": functools.partial(A.chunked_attention, q_chunk=2048),
     "chunked q4096": functools.partial(A.chunked_attention, q_chunk=4096),
     "chunked k1024": functools.partial(A.chunked_attention, q_chunk=1024, k_chunk=1024),  # online softmax
+    "batched": A.batched_attention,  # the CPU choice for short key sequences
     "auto": A.dot_product_attention,
 }
 
@@ -54,9 +57,10 @@ def _torch_sdpa(q, k, v, threads):
 
 
 def bench(shape, names, rounds, threads):
-    b, length, h, d = shape
+    b, length, h, d, keys = shape
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    q, k, v = (jax.random.normal(key, (b, length, h, d), jnp.float32) for key in (kq, kk, kv))
+    q = jax.random.normal(kq, (b, length, h, d), jnp.float32)
+    k, v = (jax.random.normal(key, (b, keys, h, d), jnp.float32) for key in (kk, kv))
     runs, outs = {}, {}
     for name in names:
         if name == "torch":
@@ -90,7 +94,7 @@ def bench(shape, names, rounds, threads):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=" ".join(SHAPES), help="space-separated B,L,H,D")
+    parser.add_argument("--shapes", default=" ".join(SHAPES), help="space-separated B,L,H,D[,KEYS]")
     parser.add_argument("--variants", default=",".join([*VARIANTS, "torch"]),
                         help=f"comma-separated, from {[*VARIANTS, 'torch']}")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (best is kept)")
@@ -103,9 +107,11 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
           f"best of {args.rounds} after warm-up; diff = max|x - xla| / max|xla|")
     for spec in args.shapes.split():
-        shape = tuple(int(x) for x in spec.split(","))
-        auto = A.select_implementation(shape, shape, jnp.float32)
-        print(f"\n(B, L, H, D) = {shape}   auto -> {auto}\n| variant | ms | diff vs xla |\n|---|---:|---:|")
+        b, length, h, d, *rest = (int(x) for x in spec.split(","))
+        shape = (b, length, h, d, rest[0] if rest else length)
+        auto = A.select_implementation((b, length, h, d), (b, shape[4], h, d), jnp.float32)
+        print(f"\n(B, L, H, D, keys) = {shape}   auto -> {auto}")
+        print("| variant | ms | diff vs xla |\n|---|---:|---:|")
         for name, ms, diff in bench(shape, names, args.rounds, args.torch_threads):
             print(f"| {name} | {ms:.1f} | {diff} |", flush=True)
 

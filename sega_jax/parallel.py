@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sega_jax import pipeline_inputs as inputs
+from sega_jax import xla_options
 from sega_jax.guidance import EditParams
 from sega_jax.pipeline import DenoiseJob
 from sega_jax.sampler import SampleOutput, sega_sample
@@ -234,7 +235,7 @@ def _compiled(static: _Static, mode: str, devices: tuple):
     mapped = jax.shard_map(
         body, mesh=mesh, in_specs=in_specs, out_specs=to_spec(static.out_axes), check_vma=False
     )
-    return jax.jit(mapped)
+    return jax.jit(mapped, compiler_options=xla_options.compiler_options())
 
 
 _REPLICATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -7,7 +7,6 @@ arguments. Loading lives in `loading.py`, argument checks in `pipeline_inputs.py
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import secrets
@@ -21,6 +20,7 @@ from flax import nnx
 from PIL import Image
 
 from sega_jax import pipeline_inputs as inputs
+from sega_jax import xla_options
 from sega_jax.cache import enable_compilation_cache
 from sega_jax.guidance import EditParams
 from sega_jax.loading import load_components
@@ -78,8 +78,7 @@ def _host_step(i, t, *latents) -> None:
         _HOST_HOOKS[-1](int(i), t, *latents)
 
 
-@functools.partial(
-    jax.jit,
+@xla_options.jit(
     static_argnames=("graph", "scheduler", "num_concepts", "do_cfg", "record", "host", "emit_latents"),
 )
 def _denoise(
@@ -121,12 +120,12 @@ def _denoise(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graph",))
+@xla_options.jit(static_argnames=("graph",))
 def _encode_text(graph, state, ids):
     return nnx.merge(graph, state)(ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graph",))
+@xla_options.jit(static_argnames=("graph",))
 def _decode(graph, state, latents, scaling_factor):
     image = nnx.merge(graph, state).decode(latents / scaling_factor)
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

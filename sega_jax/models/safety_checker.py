@@ -27,7 +27,6 @@ its cosines to float32; its thresholds stay in the model dtype, as ours do).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sega_jax import xla_options
 from sega_jax.image_processing import CLIPImageProcessor
 from sega_jax.models.clip import ACTIVATIONS, CLIPEncoder
 from sega_jax.models.layers import Conv2d, Embedding, LayerNorm, Linear
@@ -284,7 +284,7 @@ class SafetyChecker(nnx.Module):
         return SafetyCheckerOutput(flags, scores, special_scores, cos, special_cos, embeds)
 
 
-@functools.partial(jax.jit, static_argnames=("graph",))
+@xla_options.jit(static_argnames=("graph",))
 def _check(graph, state, clip_input):
     TRACE_COUNT["safety_checker"] += 1
     return nnx.merge(graph, state)(clip_input)

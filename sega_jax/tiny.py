@@ -143,12 +143,9 @@ def tiny_pipeline(seed: int = 0, dtype=None) -> SemanticStableDiffusionPipeline:
 def load_pipeline(model: str, *, dtype=None, scheduler: str | None = None, progress: bool = False):
     """The pipeline a model name stands for in the CLI and sweeps: "tiny" (built here, random weights) or a
     diffusers folder / hub id; with `scheduler` swapped in and a per-step progress bar only if asked."""
-    if model == "tiny":
-        pipe = tiny_pipeline(dtype=dtype)
-    else:
-        pipe = SemanticStableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, requires_safety_checker=False
-        )
+    from sega_jax.pipelines import load_pipeline as load_family
+
+    pipe = load_family(model, dtype=dtype, **({} if model == "tiny" else {"requires_safety_checker": False}))
     if scheduler:
         pipe.set_scheduler(scheduler)
     pipe.set_progress_bar_config(disable=not progress)

@@ -64,3 +64,4 @@ def test_save_tiny_reloads_the_same_pipeline(pipe, tmp_path):
                                                                            loaded.text_encoder)):
         assert all(np.array_equal(x, y) for x, y in zip(_params(ours), _params(theirs), strict=True))
     assert np.array_equal(pipe(**CALL, seed=0).images, loaded(**CALL, seed=0).images)
+

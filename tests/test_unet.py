@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
-from flax import nnx
 
 from sega_jax.models.unet import UNetConfig, load_unet
 from sega_jax.reference import SD15_UNET, randomize
-from tests.helpers import max_rel_diff, nchw_to_nhwc
+from tests.helpers import jit_module_call, max_rel_diff, nchw_to_nhwc
 
 SD1_TINY = dict(
     block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
@@ -41,7 +40,7 @@ def torch_forward(model: TorchUNet, sample: np.ndarray, t, context: np.ndarray) 
     return out.numpy()
 
 
-@nnx.jit
+@jit_module_call
 def jax_forward(model, sample_nhwc, t, context):
     return model(sample_nhwc, t, context)
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
-from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from sega_jax.models.vae import VAEConfig, load_vae
-from tests.helpers import max_rel_diff, nchw_to_nhwc, nhwc_to_nchw
+from tests.helpers import jit_module_call, max_rel_diff, nchw_to_nhwc, nhwc_to_nchw
 
 SD_TINY = dict(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, latent_channels=4,
                sample_size=32)
@@ -50,7 +49,7 @@ def reference(model: TorchAutoencoderKL, images: np.ndarray, latents: np.ndarray
     return nchw_to_nhwc(posterior.mean), nchw_to_nhwc(posterior.logvar), nchw_to_nhwc(decoded)
 
 
-@nnx.jit
+@jit_module_call
 def run(vae, images, latents):
     return (*vae.encode(images), vae.decode(latents))
 
@@ -178,3 +177,20 @@ def test_unsupported_config_raises_from_folder(sd_tiny, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="shift_factor"):
         load_vae(tmp_path)
+
+
+def test_tiny_models_8x_vae_matches_diffusers(tmp_path):
+    """sega_jax.tiny's four-level (8x) VAE, saved as a diffusers folder by `save_tiny`, against diffusers'
+    AutoencoderKL loading that folder: encode (mean, logvar) and decode, on a non-square image."""
+    from sega_jax.tiny import save_tiny, tiny_models
+
+    folder = save_tiny(tmp_path / "tiny")
+    twin = TorchAutoencoderKL.from_pretrained(folder / "vae").eval()
+    vae = tiny_models(0)[1]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (1, 32, 48, 3)).astype(np.float32)
+    latents = rng.standard_normal((1, 4, 6, 4)).astype(np.float32)  # NHWC: 4 high, 6 wide
+    mean, logvar, decoded = run(vae, jnp.asarray(images), jnp.asarray(latents))
+    assert mean.shape == (1, 4, 6, 4) and decoded.shape == (1, 32, 48, 3)  # 8x down, 8x up
+    for ours, theirs in zip((mean, logvar, decoded), reference(twin, images, latents), strict=True):
+        assert max_rel_diff(np.asarray(ours), theirs) <= 1e-4

@@ -293,6 +293,15 @@ def cudnn_attention(q: Array, k: Array, v: Array) -> Array:
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+def attention_probabilities(q: Array, k: Array) -> Array:
+    """The softmax attention probabilities (batch, heads, q_len, k_len) in fp32 for (batch, length, heads,
+    head_dim) queries and keys: what the plain path multiplies v by. For callers that ask to see them
+    (attention maps on request); `dot_product_attention` never computes them this way."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32) * scale
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
                           implementation: str | None = None) -> Array:
     """Scaled dot-product attention on (batch, length, heads, head_dim) arrays.

@@ -1,7 +1,7 @@
-"""CLIP text encoder (transformers' `CLIPTextModel`) as a Flax NNX module.
+"""CLIP text encoders (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`) as Flax NNX modules.
 
 The module tree mirrors the checkpoint, so each parameter's state path joined by dots is its key in a
-Stable Diffusion `text_encoder/` folder:
+Stable Diffusion `text_encoder/` (or SDXL `text_encoder_2/`) folder:
 
     text_model.embeddings.token_embedding.weight          Embedding  (vocab, hidden)
     text_model.embeddings.position_embedding.weight       Embedding  (max_positions, hidden)
@@ -11,9 +11,13 @@ Stable Diffusion `text_encoder/` folder:
     text_model.encoder.layers.{i}.mlp.fc1.{weight,bias}
     text_model.encoder.layers.{i}.mlp.fc2.{weight,bias}
     text_model.final_layer_norm.{weight,bias}
+    text_projection.weight                                Linear, no bias (hidden -> projection_dim);
+                                                          `CLIPTextModelWithProjection` only (SDXL's
+                                                          OpenCLIP ViT-bigG `text_encoder_2`)
 
 transformers >= 5 saves a `CLIPTextModel` without the `text_model.` prefix; `load_text_encoder`
-accepts both spellings. Matmuls run in the parameter dtype; layer norms and the softmax in fp32.
+accepts both spellings, and picks the class from config.json's `architectures`. Matmuls run in the
+parameter dtype; layer norms and the softmax in fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,10 @@ from sega_jax.weights import WeightLoadError, load_model, read_json, resolve_dty
 Array = jax.Array
 
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+PROJECTION_KEY = "text_projection.weight"
+# transformers' pooled-output rule: a config with eos_token_id == 2 (the value before transformers PR
+# #24773, which every SD/SDXL text encoder config still has) pools at argmax(input_ids).
+LEGACY_EOS_TOKEN_ID = 2
 
 
 def _quick_gelu(x: Array) -> Array:
@@ -47,12 +56,12 @@ ACTIVATIONS = {
 }
 
 # config.json keys that do not change the text encoder's forward pass (metadata, training-time
-# settings, the projection head and the pooled-output token ids, generation defaults that older
-# transformers versions serialised for every model).
+# settings, token ids other than eos, generation defaults that older transformers versions serialised
+# for every model).
 IRRELEVANT_KEYS = frozenset({
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "projection_dim", "initializer_range", "initializer_factor", "attention_dropout", "dropout",
-    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "initializer_factor", "attention_dropout", "dropout",
+    "pad_token_id", "bos_token_id", "sep_token_id", "decoder_start_token_id",
     "use_attention_mask", "attn_implementation",
     "id2label", "label2id", "problem_type", "finetuning_task", "tokenizer_class", "prefix",
     "return_dict", "output_attentions", "output_hidden_states", "torchscript", "use_bfloat16",
@@ -80,7 +89,8 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    # Not part of the math; kept for the pipeline (pooled output / diffusers' optional attention mask).
+    projection_dim: int = 512  # `text_projection`'s output size (CLIPTextModelWithProjection only)
+    # The pooled output's token (see `pooled_output`); diffusers' optional attention mask.
     eos_token_id: int | None = 49407
     use_attention_mask: bool = False
 
@@ -89,13 +99,16 @@ class CLIPTextConfig:
             raise ValueError(f"hidden_act: {self.hidden_act!r} is not supported "
                              f"(supported: {', '.join(ACTIVATIONS)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+                     "num_attention_heads", "max_position_embeddings", "projection_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
+        eos = self.eos_token_id
+        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+            raise ValueError(f"eos_token_id: expected a non-negative integer or null, got {eos!r}")
 
     @property
     def head_dim(self) -> int:
@@ -229,12 +242,42 @@ class CLIPTextTransformer(nnx.Module):
         return self.final_layer_norm(states[-1])
 
 
+def eos_positions(input_ids: Array, eos_token_id: int | None) -> Array:
+    """The pooled token's position in each row (B,), by transformers' rule.
+
+    eos_token_id == 2 (legacy configs, all SD/SDXL releases): argmax of the ids (the highest id, EOS in
+    CLIP's vocabulary; the first one when padding repeats it). Otherwise: the first position whose id is
+    `eos_token_id` (0 for a row without one).
+    """
+    if eos_token_id is None:
+        raise ValueError("eos_token_id: the config sets none, so there is no pooled output")
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return jnp.argmax(ids, axis=-1)
+    return jnp.argmax((ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+def pooled_output(last_hidden_state: Array, input_ids: Array, eos_token_id: int | None) -> Array:
+    """transformers' `pooler_output`: the final-normed state at each row's EOS position, (B, hidden)."""
+    positions = eos_positions(input_ids, eos_token_id)
+    return jnp.take_along_axis(last_hidden_state, positions[:, None, None], axis=1)[:, 0]
+
+
+class SDXLTextEncoding(NamedTuple):
+    """One text encoder's outputs as diffusers' `StableDiffusionXLPipeline.encode_prompt` uses them."""
+
+    prompt_embeds: Array        # hidden_states[-(clip_skip + 2)]: no final layer norm, (B, L, hidden)
+    pooler_output: Array        # final-normed EOS state, (B, hidden)
+    text_embeds: Array | None   # text_projection(pooler_output), (B, projection_dim); None without a head
+
+
 class CLIPTextModel(nnx.Module):
     """transformers' `CLIPTextModel`: `model(input_ids)` is the last hidden state (B, L, hidden).
 
     `clip_skip=n` returns diffusers' clip-skip embedding instead: the output of the layer `n` before
     the last, through the final layer norm. `hidden_states(...)` gives transformers'
-    `output_hidden_states=True` tuple (embeddings, then every layer; no final norm).
+    `output_hidden_states=True` tuple (embeddings, then every layer; no final norm);
+    `encode_for_sdxl(...)` gives what SDXL's pipeline takes from an encoder.
     """
 
     def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -248,40 +291,90 @@ class CLIPTextModel(nnx.Module):
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, ...]:
         return tuple(self.text_model.hidden_states(input_ids, attention_mask))
 
+    def encode_for_sdxl(self, input_ids: Array, attention_mask: Array | None = None, *,
+                        clip_skip: int | None = None) -> SDXLTextEncoding:
+        """One pass: `prompt_embeds` = hidden_states[-(clip_skip + 2)] (the penultimate layer for None or
+        0), transformers' `pooler_output`, and `text_embeds` (the projection model's; None here).
+        diffusers' SDXL pipeline uses `text_embeds` of its last encoder as `pooled_prompt_embeds`."""
+        num_layers = len(self.text_model.encoder.layers)
+        skip = clip_skip or 0
+        if not 0 <= skip < num_layers:
+            raise ValueError(f"clip_skip: expected 0..{num_layers - 1}, got {clip_skip}")
+        states = self.text_model.hidden_states(input_ids, attention_mask)
+        last = self.text_model.final_layer_norm(states[-1])
+        pooled = pooled_output(last, input_ids, self.config.eos_token_id)
+        return SDXLTextEncoding(states[-(skip + 2)], pooled, self._project(pooled))
+
+    def _project(self, pooled: Array) -> Array | None:
+        return None
+
     @property
     def dtype(self) -> jnp.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
 
-def _ignored_key(key: str) -> bool:
-    # transformers' non-parameter buffer (saved by old versions) and CLIPTextModelWithProjection's head.
-    return key.split(".")[-1] == "position_ids" or key == "text_projection.weight"
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): a `CLIPTextModel` plus
+    `text_projection` on the pooled output. `model(input_ids)` is still the last hidden state."""
+
+    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, rngs=rngs)
+        self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False, dtype=dtype,
+                                      rngs=rngs)
+
+    def _project(self, pooled: Array) -> Array:
+        return self.text_projection(pooled)
 
 
-def _add_prefix(key: str) -> str:
-    return key if key.startswith("text_model.") else f"text_model.{key}"
+_CLASSES: dict[str, type[CLIPTextModel]] = {
+    "CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+
+
+def _key_rules(has_head: bool):
+    """(rename, ignore) for checkpoint keys: add the `text_model.` prefix transformers 5 leaves off a
+    `CLIPTextModel`; drop the `position_ids` buffer, and `text_projection` unless the model has one."""
+    def ignore(key: str) -> bool:
+        return key.split(".")[-1] == "position_ids" or (not has_head and key == PROJECTION_KEY)
+
+    def rename(key: str) -> str:
+        keep = key.startswith("text_model.") or (has_head and key == PROJECTION_KEY)
+        return key if keep else f"text_model.{key}"
+    return rename, ignore
+
+
+def _architecture(config: dict) -> str:
+    names = set(config.get("architectures") or ["CLIPTextModel"])
+    if len(names) > 1:
+        raise ValueError(f"architectures: {sorted(names)} names more than one class")
+    return names.pop()
 
 
 def load_text_encoder(folder: str | os.PathLike, *, dtype=None, variant: str | None = None,
-                      allow_pickle: bool = False) -> CLIPTextModel:
-    """Load a diffusers `text_encoder/` folder (config.json + safetensors) into a `CLIPTextModel`.
+                      allow_pickle: bool = False, architecture: str | None = None) -> CLIPTextModel:
+    """Load a diffusers `text_encoder/` folder (config.json + safetensors) into a `CLIPTextModel`, or a
+    `CLIPTextModelWithProjection` when config.json's `architectures` (or `architecture`, e.g. the class
+    model_index.json names) says so.
 
     `dtype` (None = float32, or bf16/fp16) is both the parameter and the compute dtype.
     """
+    if architecture is not None and architecture not in _CLASSES:
+        raise ValueError(f"architecture: {architecture!r} is not supported (expected one of "
+                         f"{', '.join(ARCHITECTURES)})")
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightLoadError(f"{folder}: model folder not found")
     config_path = folder / "config.json"
+    raw = read_json(config_path)
     try:
-        config = CLIPTextConfig.from_transformers(read_json(config_path))
-    except WeightLoadError:
-        raise
+        config = CLIPTextConfig.from_transformers(raw)
+        cls = _CLASSES[architecture or _architecture(raw)]
     except ValueError as err:
         raise WeightLoadError(f"{config_path}: {err}") from err
     dtype = resolve_dtype(dtype) or jnp.dtype(jnp.float32)
-    build = lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0))
+    rename, ignore = _key_rules(cls is CLIPTextModelWithProjection)
+    build = lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0))
     return load_model(build, folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
-                      rename=_add_prefix, ignore=_ignored_key)
+                      rename=rename, ignore=ignore)
 
 
 def num_parameters(model: CLIPTextModel) -> int:

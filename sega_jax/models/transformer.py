@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sega_jax.models.attention import attention_probabilities
 from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, tile_batch
 
 Array = jax.Array
@@ -43,11 +44,24 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, eps=norm_eps, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array, context: Array) -> Array:
+    def __call__(self, x: Array, context: Array, record: list | None = None) -> Array:
+        """`record`: a list to which the cross-attention probabilities (rows, heads, tokens, keys) are
+        appended (attention maps on request; the output is the same either way)."""
         x = x + self.attn1(self.norm1(x))
-        cross = self.attn2(self.norm2(x), context)
+        normed = self.norm2(x)
+        if record is not None:
+            record.append(cross_attention_probabilities(self.attn2, normed, context))
+        cross = self.attn2(normed, context)
         x = tile_batch(x, cross.shape[0]) + cross  # shared latents diverge here, one copy per context
         return x + self.ff(self.norm3(x))
+
+
+def cross_attention_probabilities(attn: Attention, x: Array, context: Array) -> Array:
+    """(context rows, heads, x tokens, context tokens) fp32 softmax probabilities of `attn` (diffusers'
+    `get_attention_scores`); shared queries are tiled to the context's rows as `Attention` does."""
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], attn.heads, -1)
+    q = tile_batch(split(attn.to_q(x)), context.shape[0])
+    return attention_probabilities(q, split(attn.to_k(context)))
 
 
 class Transformer2DModel(nnx.Module):
@@ -72,14 +86,17 @@ class Transformer2DModel(nnx.Module):
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x: Array, context: Array) -> Array:
+    def __call__(self, x: Array, context: Array, record: dict | None = None) -> Array:
+        """`record` (attention maps on request): {"size": (h, w), "maps": list}; when this transformer's token
+        grid is `size`, each block's cross-attention probabilities are appended to `maps`."""
         b, h, w, c = x.shape
+        maps = record["maps"] if record is not None and tuple(record["size"]) == (h, w) else None
         hidden = self.norm(x)
         # A 1x1 conv and a linear layer are the same map on NHWC tokens; only the weight layout differs.
         hidden = self.proj_in(hidden.reshape(b, h * w, c) if self.use_linear_projection else hidden)
         hidden = hidden.reshape(b, h * w, -1)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context)
+            hidden = block(hidden, context, maps)
         b = hidden.shape[0]  # the context's batch once shared latents have met their contexts
         if self.use_linear_projection:
             hidden = self.proj_out(hidden).reshape(b, h, w, c)

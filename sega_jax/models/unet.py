@@ -29,12 +29,12 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 # Keys whose value must stay at diffusers' default: anything else would need layers we don't build.
 _REQUIRED_DEFAULTS = {
     "center_input_sample": False, "only_cross_attention": False, "mid_block_only_cross_attention": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False, "cross_attention_norm": None, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None, "num_attention_heads": None,
     "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -80,6 +80,10 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False  # we always compute attention scores and softmax in fp32
     sample_size: int | None = None
+    # SDXL's micro-conditioning: "text_time" adds an embedding of the pooled text embeds and the time ids.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_diffusers(cls, config: dict) -> UNetConfig:
@@ -114,6 +118,13 @@ class UNetConfig:
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
             raise ValueError("unet config: `down_block_types`, `up_block_types` and `block_out_channels` "
                              "must have the same length")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unet config: `addition_embed_type`={self.addition_embed_type!r} is not "
+                             "supported (only None or 'text_time')")
+        if self.addition_embed_type and not (self.addition_time_embed_dim
+                                             and self.projection_class_embeddings_input_dim):
+            raise ValueError("unet config: `addition_embed_type`='text_time' needs `addition_time_embed_dim` "
+                             "and `projection_class_embeddings_input_dim`")
         return self
 
     @property
@@ -155,12 +166,13 @@ class DownBlock(nnx.Module):
                                                    rngs=rngs)]) if i < len(cfg.block_out_channels) - 1 \
             else None
 
-    def __call__(self, x: Array, temb: Array, context: Array) -> tuple[Array, list[Array]]:
+    def __call__(self, x: Array, temb: Array, context: Array,
+                 record: dict | None = None) -> tuple[Array, list[Array]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, record)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -186,14 +198,14 @@ class UpBlock(nnx.Module):
         self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if block_index > 0 else None
 
     def __call__(self, x: Array, skips: list[Array], temb: Array, context: Array,
-                 upsample_size: tuple[int, int] | None) -> Array:
+                 upsample_size: tuple[int, int] | None, record: dict | None = None) -> Array:
         for j, resnet in enumerate(self.resnets):
             skip = skips.pop()
-            batch = max(x.shape[0], skip.shape[0])
-            x = jnp.concatenate([tile_batch(x, batch), tile_batch(skip, batch).astype(x.dtype)], axis=-1)
-            x = resnet(x, temb)
+            # x has met the contexts (the mid block cross-attends); skips from before that are tiled to it.
+            skip = tile_batch(skip, x.shape[0]).astype(x.dtype)
+            x = resnet(jnp.concatenate([x, skip], axis=-1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, record)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -208,9 +220,9 @@ class MidBlock(nnx.Module):
                                  for _ in range(2)])
         self.attentions = nnx.List([_transformer(cfg, last, channels, dtype, rngs)])
 
-    def __call__(self, x: Array, temb: Array, context: Array) -> Array:
+    def __call__(self, x: Array, temb: Array, context: Array, record: dict | None = None) -> Array:
         x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context), temb)
+        return self.resnets[1](self.attentions[0](x, context, record), temb)
 
 
 def _resnet(cfg: UNetConfig, in_ch: int, out_ch: int, dtype, rngs, scale: float = 1.0) -> ResnetBlock2D:
@@ -230,6 +242,9 @@ class UNet2DConditionModel(nnx.Module):
         self.config = config
         ch = config.block_out_channels
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, dtype=dtype, rngs=rngs)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim,
+                                                   config.time_embed_dim, dtype=dtype, rngs=rngs)
         self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1, dtype=dtype, rngs=rngs)
         self.down_blocks = nnx.List([
             DownBlock(config, i, ch[max(i - 1, 0)], ch[i], dtype=dtype, rngs=rngs) for i in range(len(ch))
@@ -244,13 +259,24 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps, dtype=dtype)
         self.conv_out = Conv2d(ch[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, sample: Array, timesteps: Array, context: Array) -> Array:
+    def __call__(self, sample: Array, timesteps: Array, context: Array, text_embeds: Array | None = None,
+                 time_ids: Array | None = None, *,
+                 cross_attention_maps: tuple[int, int] | None = None) -> Array | tuple[Array, dict]:
         """sample (B, H, W, C) NHWC; timesteps scalar or (B,); context (B, L, D). Returns NHWC noise.
 
+        `text_embeds` (pooled, (B, P)) and `time_ids` (B, 6) are SDXL's `added_cond_kwargs`, required by
+        (and only by) a "text_time" config.
+
         Shared latents: `context` may hold k copies' worth of rows (k*B, L, D), ordered [copy 0 of all B,
-        copy 1, ...]. The output is then that of the sample tiled k times (k*B, H, W, C), but everything
-        before the first cross-attention (conv_in, the first resnet, the first self-attention) runs on the
-        B latents once: SEGA's UNet batch [uncond, text, concepts...] shares its latents.
+        copy 1, ...], and so may `text_embeds` / `time_ids`. The output is then that of the sample tiled k
+        times (k*B, H, W, C), but everything before the first cross-attention (conv_in, the first resnet,
+        the first self-attention) runs on the B latents once: SEGA's UNet batch [uncond, text, concepts...]
+        shares its latents. (With "text_time" the time embedding differs per copy, so the latents are tiled
+        from the start.)
+
+        Attention maps on request: `cross_attention_maps=(h, w)` returns `(noise, maps)`, where `maps` is
+        {"down": [...], "mid": [...], "up": [...]}, one fp32 array (context rows, heads, h, w, context tokens)
+        per cross-attention layer whose token grid is (h, w), in call order. The noise is unchanged.
         """
         if context.shape[0] % sample.shape[0]:
             raise ValueError(f"UNet: context batch {context.shape[0]} is not a multiple of the sample "
@@ -261,21 +287,49 @@ class UNet2DConditionModel(nnx.Module):
         t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t_emb.astype(dtype))
+        if cfg.addition_embed_type == "text_time":
+            temb = tile_batch(temb, context.shape[0]) + self._text_time_embedding(text_embeds, time_ids,
+                                                                                  context.shape[0], dtype)
+            sample = tile_batch(sample, context.shape[0])
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("UNet: `text_embeds` / `time_ids` need a config with "
+                             "addition_embed_type='text_time'")
         context = context.astype(dtype)
+        size = None if cross_attention_maps is None else tuple(int(n) for n in cross_attention_maps)
+        records = {place: None if size is None else {"size": size, "maps": []}
+                   for place in ("down", "mid", "up")}
         x = self.conv_in(sample.astype(dtype))
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
+            x, block_skips = block(x, temb, context, records["down"])
             skips += block_skips
-        x = self.mid_block(x, temb, context)
+        x = self.mid_block(x, temb, context, records["mid"])
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             # Odd latent sizes: upsample to the next skip's size, as diffusers' `forward_upsample_size`.
-            size = skips[-1].shape[1:3] if skips else None
-            x = block(x, block_skips, temb, context, size)
+            upsample = skips[-1].shape[1:3] if skips else None
+            x = block(x, block_skips, temb, context, upsample, records["up"])
         x = jax.nn.silu(self.conv_norm_out(x))
-        return tile_batch(self.conv_out(x), context.shape[0])
+        noise = tile_batch(self.conv_out(x), context.shape[0])
+        if size is None:
+            return noise
+        grid = lambda p: p.reshape(p.shape[0], p.shape[1], *size, p.shape[-1])
+        return noise, {place: [grid(p) for p in record["maps"]] for place, record in records.items()}
+
+    def _text_time_embedding(self, text_embeds: Array | None, time_ids: Array | None, batch: int,
+                             dtype) -> Array:
+        """diffusers' "text_time" `aug_emb`: add_embedding(concat(text_embeds, add_time_proj(time_ids)))."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("UNet: an SDXL ('text_time') UNet needs `text_embeds` and `time_ids`")
+        if text_embeds.shape[0] != batch or time_ids.shape[0] != batch:
+            raise ValueError(f"UNet: `text_embeds` {text_embeds.shape} and `time_ids` {time_ids.shape} need "
+                             f"one row per context row ({batch})")
+        cfg = self.config
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                         flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], -1)
+        return self.add_embedding(add_embeds.astype(dtype))
 
 
 def load_unet(folder: str | os.PathLike, *, dtype=None, variant: str | None = None,

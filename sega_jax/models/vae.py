@@ -41,6 +41,7 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    force_upcast: bool = True  # diffusers: decode in fp32 when the weights are fp16 (SDXL's VAE overflows)
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> VAEConfig:
@@ -58,8 +59,6 @@ class VAEConfig:
             elif key in ("latents_mean", "latents_std"):
                 if value is not None:
                     raise ValueError(f"VAE config: {key} is not supported (only None)")
-            elif key == "force_upcast":
-                pass  # diffusers' fp16 decode workaround; our norms/softmax already run in fp32
             elif key in fields:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             else:
@@ -86,7 +85,7 @@ class VAEConfig:
         chans = self.block_out_channels
         if not chans or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chans):
             raise ValueError(f"VAE config: block_out_channels={chans!r} must be positive integers")
-        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"VAE config: {key}={getattr(self, key)!r} must be a boolean")
 
@@ -206,6 +205,10 @@ class AutoencoderKL(nnx.Module):
                            if config.use_quant_conv else None)
         self.post_quant_conv = (Conv2d(latent, latent, 1, dtype=dtype, rngs=rngs)
                                 if config.use_post_quant_conv else None)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.decoder.conv_in.weight.dtype
 
     def encode(self, images: Array) -> tuple[Array, Array]:
         """Images (B, H, W, C) -> the posterior's (mean, logvar), each (B, H/f, W/f, latent_channels)."""

@@ -1,0 +1,241 @@
+"""LEDITS++ on SD: `invert` and `__call__` against diffusers' `LEditsPPPipelineStableDiffusion` on one tiny
+random model (the same weights in both, the inversion noise captured from diffusers and injected), the
+mask functions on injected inputs, compile counting and bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import jax.numpy as jnp  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sega_jax import LEditsPPPipelineStableDiffusion  # noqa: E402
+from sega_jax.guidance_ledits import LEditsParams, attention_mask, ledits_step, noise_mask  # noqa: E402
+from sega_jax.pipelines import ledits  # noqa: E402
+
+# A tiny UNet with cross-attention at 1/4 of the latent size (where the reference's attention store looks).
+UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+            norm_num_groups=8, sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"))
+STEPS, SKIP = 4, 0.25
+TOL = 1e-4
+
+
+def rel(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+class OwnLengthTokenizer:
+    """The reference's tokenizer with `return_length` counting each text's own tokens (plus start/end), as
+    we do; under transformers 5 it reports the padded length (77), so the reference sums 75 token maps."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        out = self.tokenizer(texts, **kwargs)
+        if kwargs.get("return_length"):
+            own = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+            out["length"] = torch.tensor([len(row) for row in own])
+        return out
+
+
+def build_reference(folder):
+    from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.semantic_stable_diffusion import SemanticStableDiffusionPipeline
+    from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sega_jax.reference import TINY_TEXT, TINY_VAE, randomize
+    from sega_jax.tiny import SD_DDIM
+    from sega_jax.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet, vae, text = UNet2DConditionModel(**UNET), AutoencoderKL(**TINY_VAE), CLIPTextModel(
+        CLIPTextConfig(**TINY_TEXT))
+    for i, part in enumerate((unet, vae, text)):
+        randomize(part, i)
+    parts = dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
+                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sega = SemanticStableDiffusionPipeline(scheduler=DDIMScheduler.from_config(SD_DDIM), **parts)
+    sega.save_pretrained(folder)  # loads in ours; diffusers' LEDITS++ shares its components
+    dpm = DPMSolverMultistepScheduler.from_config(SD_DDIM, algorithm_type="sde-dpmsolver++", solver_order=2)
+    ref = module.LEditsPPPipelineStableDiffusion(scheduler=dpm, **parts)
+    ref.set_progress_bar_config(disable=True)
+    object.__setattr__(ref, "tokenizer", OwnLengthTokenizer(ref.tokenizer))
+    return ref, module
+
+
+def photo(seed: int = 0, size: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """The reference inverted with a seeded generator (its draws and corrected latents recorded), ours
+    inverted with those draws."""
+    folder = tmp_path_factory.mktemp("ledits")
+    ref, module = build_reference(folder)
+    draws, corrected = [], []
+    randn, compute_noise = module.randn_tensor, module.compute_noise
+
+    def recording_randn(*args, **kwargs):
+        draws.append(randn(*args, **kwargs))
+        return draws[-1]
+
+    def recording_noise(*args):
+        z, x = compute_noise(*args)
+        corrected.append(x.clone())
+        return z, x
+
+    module.randn_tensor, module.compute_noise = recording_randn, recording_noise
+    try:
+        ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
+    finally:
+        module.randn_tensor, module.compute_noise = randn, compute_noise
+    pipe = LEditsPPPipelineStableDiffusion.from_pretrained(folder, requires_safety_checker=False)
+    pipe.set_scheduler("DPMSolverMultistepScheduler")  # the folder's DDIM, as diffusers' pipeline converts it
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.stack(draws).numpy()
+    inversion = pipe.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, noise=noise)
+    return dict(ref=ref, pipe=pipe, inversion=inversion, noise=noise,
+                corrected=[x.numpy() for x in corrected])
+
+
+def test_inversion_matches_diffusers(case):
+    ref, inv = case["ref"], case["inversion"]
+    assert case["noise"].shape == (STEPS, 1, 4, 32, 32)
+    np.testing.assert_array_equal(inv.timesteps, ref.inversion_steps.numpy())
+    assert rel(inv.init_latents, ref.init_latents.numpy()) < TOL
+    zs = ref.zs.numpy()
+    for i in range(STEPS - 1):
+        assert rel(inv.zs[i], zs[i]) < TOL, i
+    np.testing.assert_array_equal(inv.zs[-1], zs[-1])  # zero: the final sigma is 0
+    # The reference's local xts (its corrected x_{t-1}, recorded in loop order), but for the x0 slot, where
+    # its second-order update divides by a zero step ratio (inf/NaN); ours stays finite.
+    for j, x in enumerate(case["corrected"][:-1]):
+        assert rel(inv.xts[STEPS - 1 - j], x) < TOL, j
+    assert not np.isfinite(case["corrected"][-1]).all() and np.isfinite(inv.xts).all()
+    assert case["pipe"].inversion is inv
+
+
+EDITS = dict(editing_prompt=["a cat", "glasses"], edit_guidance_scale=[5.0, 3.0], edit_threshold=[0.9, 0.7],
+             reverse_editing_direction=[False, True])
+
+
+@pytest.mark.parametrize("settings", [
+    dict(EDITS, use_intersect_mask=False),  # the noise-magnitude mask alone
+    dict(EDITS, use_intersect_mask=False, negative_prompt="blurry", edit_warmup_steps=[1, 0]),
+    dict(EDITS, use_intersect_mask=False, use_cross_attn_mask=True, edit_warmup_steps=[0, 1],
+         edit_cooldown_steps=[3, 4]),  # the cross-attention mask alone
+    dict(EDITS),  # the default: their intersection
+    dict(editing_prompt="a dog", edit_threshold=0.8),
+], ids=["noise-mask", "negative-warmup", "cross-attn-cooldown", "intersect", "one-concept"])
+def test_edit_matches_diffusers(case, settings):
+    theirs = case["ref"](output_type="latent", **settings).images.numpy()
+    ours = case["pipe"](output_type="latent", **settings).images
+    assert rel(ours, theirs) < TOL
+    untouched = case["ref"](output_type="latent").images.numpy()  # the plain reconstruction
+    assert rel(theirs, untouched) > 100 * TOL  # the edit moved the latents: a real check
+
+
+def test_user_mask_matches_diffusers(case):
+    mask = (np.random.default_rng(1).random((1, 1, 32, 32)) > 0.5).astype(np.float32)
+    settings = dict(EDITS, use_intersect_mask=False)
+    theirs = case["ref"](output_type="latent", user_mask=torch.from_numpy(mask), **settings).images.numpy()
+    ours = case["pipe"](output_type="latent", user_mask=mask, **settings).images
+    assert rel(ours, theirs) < TOL
+    assert rel(ours, case["pipe"](output_type="latent", **settings).images) > 100 * TOL
+
+
+def test_images_and_reconstruction(case):
+    out = case["pipe"](output_type="np", **EDITS)
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    assert out.sem_guidance.shape == (STEPS, 1, 4, 32, 32)
+    inv = case["inversion"]
+    assert [im.size for im in inv.images] == [(64, 64)] and len(inv.vae_reconstruction_images) == 1
+
+
+def test_intersection_only_at_timesteps_up_to_800():
+    """Injected maps and estimates: above t=800 the cross-attention mask alone, at or below it M1 * M2."""
+    rng = np.random.default_rng(0)
+    uncond = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
+    edits = jnp.asarray(rng.standard_normal((1, 1, 8, 8, 4)), jnp.float32)
+    attention = jnp.asarray(rng.random((1, 1, 2, 2)), jnp.float32)
+    params = LEditsParams.create(1, edit_threshold=0.5)
+    ones = jnp.ones((1, 8, 8, 4))
+    step = lambda t: ledits_step(uncond, edits, 0, t, params, user_mask=ones, attention=attention)[1]
+    guidance = (edits - uncond[None]) * 5.0
+    m1 = attention_mask(attention, params.edit_threshold, (8, 8))
+    m2 = noise_mask(guidance, params.edit_threshold)
+    np.testing.assert_array_equal(step(801), (guidance * m1)[0])
+    np.testing.assert_array_equal(step(800), (guidance * (m2 * m1))[0])
+    assert not np.array_equal(step(801), step(800))
+
+
+def test_edit_settings_do_not_recompile(case):
+    pipe = case["pipe"]
+    pipe(output_type="latent", **EDITS)
+    before = ledits.TRACE_COUNT["edit"]
+    changed = dict(EDITS, edit_guidance_scale=[7.0, 1.0], edit_threshold=[0.5, 0.95],
+                   edit_warmup_steps=[1, 2], edit_cooldown_steps=[3, 3],
+                   reverse_editing_direction=[True, False], guidance_rescale=0.5)
+    a = pipe(output_type="latent", **changed).images
+    b = pipe(output_type="latent", user_mask=np.zeros((1, 1, 32, 32)), **EDITS).images
+    assert ledits.TRACE_COUNT["edit"] == before
+    assert rel(a, b) > TOL
+    pipe(output_type="latent", editing_prompt=["a cat", "glasses", "a hat"])  # positive control: 3 concepts
+    assert ledits.TRACE_COUNT["edit"] == before + 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(edit_guidance_scale=[float("nan"), 1.0]), "edit_guidance_scale"),
+    (dict(edit_threshold=[0.9, float("inf")]), "edit_threshold"),
+    (dict(user_mask=np.full((1, 1, 32, 32), np.nan)), "user_mask"),
+    (dict(user_mask=np.ones((1, 1, 16, 16))), "user_mask"),
+    (dict(edit_threshold=[0.9, 1.5]), "edit_threshold"),
+    (dict(edit_guidance_scale=[1.0, 2.0, 3.0]), "edit_guidance_scale"),
+    (dict(guidance_rescale=2.0), "guidance_rescale"),
+])
+def test_bad_edit_inputs(case, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        case["pipe"](output_type="latent", **{**EDITS, **kwargs})
+
+
+@pytest.mark.parametrize("image, kwargs, error, message", [
+    (np.zeros((64, 64)), {}, ValueError, "RGB"),
+    (np.zeros((64, 64, 3), np.uint8), {}, ValueError, "float"),
+    (np.full((64, 64, 3), 2.0), {}, ValueError, r"\[0, 1\]"),
+    (np.full((64, 64, 3), np.nan), {}, ValueError, "image"),
+    (photo(0, 48), {}, ValueError, "factor of 32"),
+    (photo(), dict(height=48), ValueError, "factor of 32"),
+    ("photo.png", {}, TypeError, "PIL image"),
+    (photo(), dict(noise=np.zeros((3, 1, 4, 32, 32))), ValueError, "noise"),
+    (photo(), dict(noise=np.full((STEPS, 1, 4, 32, 32), np.inf)), ValueError, "noise"),
+    (photo(), dict(source_guidance_scale=float("nan")), ValueError, "source_guidance_scale"),
+    (photo(), dict(skip=1.0), ValueError, "skip"),
+    (photo(), dict(generator=object()), TypeError, "generator"),
+])
+def test_bad_invert_inputs(case, image, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        case["pipe"].invert(image, **{"num_inversion_steps": STEPS, "skip": SKIP, **kwargs})
+
+
+def test_edit_needs_an_inversion(case):
+    pipe = case["pipe"]
+    fresh = LEditsPPPipelineStableDiffusion(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                            pipe.scheduler, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="invert"):
+        fresh(editing_prompt="a cat")
+    out = fresh(editing_prompt="a cat", output_type="latent", inversion=case["inversion"])  # explicit one
+    np.testing.assert_allclose(out.images, pipe(editing_prompt="a cat", output_type="latent").images, rtol=0,
+                               atol=1e-6)

@@ -1,0 +1,287 @@
+"""DDIM and null-text inversion (Mokady et al. 2022, "Null-text Inversion for Editing Real Images").
+
+DDIM inversion runs diffusers' `DDIMInverseScheduler` step for step (the UNet at the target timestep t_k,
+from the latents at t_k - N_train // N). Null-text inversion then, for each denoising step i, optimises the
+unconditional embedding with a fresh Adam (optax), warm-started from step i-1's, so that the guided DDIM step
+from the current latents lands on the inverted ones: learning rate `lr * (1 - i * lr_decay)`, at most
+`num_inner_steps` iterations, each image stopping once its loss falls below `stop + i * stop_slope`. All of
+it is one compiled program: a `lax.scan` over steps around a `lax.while_loop` with a per-image mask.
+Latents are NHWC inside; `Inversion` holds them in diffusers' layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from sega_jax import pipeline_inputs as inputs
+from sega_jax import xla_options
+from sega_jax.schedulers import DDIMScheduler, scheduler_from_name
+from sega_jax.schedulers.base import div
+from sega_jax.schedulers.ddim import DDIMSchedule
+
+Array = jax.Array
+UNetFn = Callable[[Array, Array, Array], Array]  # (latents (B,h,w,4), t, context (C*B, L, D)) -> (C*B,h,w,4)
+TRACE_COUNT = {"ddim": 0, "null_text": 0}  # compilations; tests read it
+METHODS = ("null-text", "ddim")
+
+
+class NullTextSettings(NamedTuple):
+    """The optimisation's traced settings (changing them never recompiles)."""
+
+    learning_rate: Array  # 1e-2
+    lr_decay: Array  # 1/100: lr at step i is learning_rate * (1 - i * lr_decay)
+    stop: Array  # 1e-5: early stop when loss < stop + i * stop_slope
+    stop_slope: Array  # 2e-5
+
+    @classmethod
+    def create(cls, learning_rate=1e-2, lr_decay=1e-2, stop=1e-5, stop_slope=2e-5) -> NullTextSettings:
+        return cls(*(jnp.float32(v) for v in (learning_rate, lr_decay, stop, stop_slope)))
+
+
+class NullTextResult(NamedTuple):
+    uncond: Array  # (N, B, L, D) the unconditional embedding used at each denoising step
+    latents: Array  # (N + 1, B, h, w, 4) the guided trajectory with those embeddings, noisiest first
+    losses: Array  # (N, B) the last inner iteration's loss at each step
+    iterations: Array  # (N, B) int32 inner iterations run per step and image
+
+
+def ddim_scheduler(scheduler: Any) -> DDIMScheduler:
+    """The DDIM scheduler inversion runs on: the pipeline's config, clip_sample off (as the paper)."""
+    if scheduler.prediction_type != "epsilon":
+        raise NotImplementedError("null-text inversion supports prediction_type='epsilon' only")
+    if scheduler.timestep_spacing not in ("leading", "trailing"):
+        raise ValueError("DDIM inversion needs timestep_spacing 'leading' or 'trailing' "
+                         "(as DDIMInverseScheduler)")
+    if isinstance(scheduler, DDIMScheduler):
+        return dataclasses.replace(scheduler, clip_sample=False)
+    return dataclasses.replace(scheduler_from_name("DDIMScheduler", scheduler.config), clip_sample=False)
+
+
+def inverse_step(s: DDIMSchedule, k: Array, x: Array, eps: Array) -> Array:
+    """DDIMInverseScheduler.step at the k-th ascending timestep (forward index N-1-k): from the level of
+    t_k - ratio (alpha_prev of the forward schedule) up to t_k."""
+    i = s.timesteps.shape[0] - 1 - k
+    x, eps = x.astype(jnp.float32), eps.astype(jnp.float32)
+    x0 = div(x - jnp.sqrt(s.beta_prev[i]) * eps, s.sqrt_alpha_prev[i])
+    return s.sqrt_alpha[i] * x0 + s.sqrt_beta[i] * eps
+
+
+def forward_step(s: DDIMSchedule, i: Array, x: Array, eps: Array) -> Array:
+    """DDIMScheduler.step with eta 0 and no clipping, at forward index i."""
+    x0 = div(x - s.sqrt_beta[i] * eps, s.sqrt_alpha[i])
+    return s.sqrt_alpha_prev[i] * x0 + jnp.sqrt(s.beta_prev[i]) * eps
+
+
+def ddim_invert(eps: Callable[[Array, Array], Array], s: DDIMSchedule, x0: Array) -> Array:
+    """The inverted trajectory (N + 1, B, h, w, 4): x0 first, the start latents last."""
+
+    def body(x, xs):
+        k, t = xs
+        x = inverse_step(s, k, x, eps(x, t))
+        return x, x
+
+    n = s.timesteps.shape[0]
+    _, xs = jax.lax.scan(body, x0.astype(jnp.float32), (jnp.arange(n, dtype=jnp.int32), s.timesteps[::-1]))
+    return jnp.concatenate([x0[None].astype(jnp.float32), xs])
+
+
+def guided(unet: UNetFn, x: Array, t: Array, uncond: Array, cond: Array, scale: Array) -> Array:
+    """uncond + scale * (text - uncond) for latents x (B, ...) with shared-latent UNet calls."""
+    out = unet(x, t, jnp.concatenate([uncond, cond])).astype(jnp.float32).reshape(2, *x.shape)
+    return out[0] + scale * (out[1] - out[0])
+
+
+def _image_loss(pred: Array, target: Array) -> Array:
+    return jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
+
+
+def optimise_step(unet: UNetFn, s: DDIMSchedule, i: Array, x: Array, target: Array, uncond: Array,
+                  cond: Array, scale: Array, settings: NullTextSettings,
+                  num_inner_steps: int) -> tuple[Array, Array, Array]:
+    """One step's inner Adam loop: (optimised uncond (B, L, D), last losses (B,), iterations (B,))."""
+    t = s.timesteps[i]
+    eps_cond = jax.lax.stop_gradient(unet(x, t, cond).astype(jnp.float32))
+    lr = settings.learning_rate * (1.0 - i.astype(jnp.float32) * settings.lr_decay)
+    threshold = settings.stop + i.astype(jnp.float32) * settings.stop_slope
+    opt = optax.adam(lr)
+
+    def losses(emb: Array) -> tuple[Array, Array]:
+        eps_u = unet(x, t, emb.astype(cond.dtype)).astype(jnp.float32)
+        per_image = _image_loss(forward_step(s, i, x, eps_u + scale * (eps_cond - eps_u)), target)
+        return jnp.sum(per_image), per_image
+
+    def cond_fn(carry) -> Array:
+        j, _, _, active, _, _ = carry
+        return (j < num_inner_steps) & jnp.any(active)
+
+    def body(carry):
+        j, emb, opt_state, active, count, last = carry
+        (_, per_image), grads = jax.value_and_grad(losses, has_aux=True)(emb)
+        updates, opt_state = opt.update(grads, opt_state, emb)
+        mask = active[:, None, None]
+        emb = jnp.where(mask, optax.apply_updates(emb, updates), emb)
+        last = jnp.where(active, per_image, last)
+        count = count + active.astype(jnp.int32)
+        return j + 1, emb, opt_state, active & (per_image >= threshold), count, last
+
+    batch = x.shape[0]
+    init = (jnp.int32(0), uncond, opt.init(uncond), jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32),
+            jnp.zeros(batch, jnp.float32))
+    _, emb, _, _, count, last = jax.lax.while_loop(cond_fn, body, init)
+    return emb, last, count
+
+
+def null_text_loop(unet: UNetFn, s: DDIMSchedule, trajectory: Array, uncond: Array, cond: Array,
+                   scale: Array, settings: NullTextSettings, num_inner_steps: int) -> NullTextResult:
+    """Optimise one unconditional embedding per step so the guided DDIM steps follow `trajectory`."""
+    n = s.timesteps.shape[0]
+    targets = trajectory[:-1][::-1]  # the target of forward step i is the inverted latents at level N-1-i
+
+    def body(carry, xs):
+        x, emb = carry
+        i, target = xs
+        emb, loss, count = optimise_step(unet, s, i, x, target, emb, cond, scale, settings, num_inner_steps)
+        x = forward_step(s, i, x, guided(unet, x, s.timesteps[i], emb.astype(cond.dtype), cond, scale))
+        return (x, emb), (emb, x, loss, count)
+
+    start = trajectory[-1]
+    _, (embs, xs, loss, count) = jax.lax.scan(
+        body, (start, uncond.astype(jnp.float32)), (jnp.arange(n, dtype=jnp.int32), targets))
+    return NullTextResult(embs, jnp.concatenate([start[None], xs]), loss, count)
+
+
+def _unet_fn(graph, state) -> UNetFn:
+    unet = nnx.merge(graph, state)
+    return lambda x, t, c: unet(x, t, c)
+
+
+@xla_options.jit(static_argnames=("graph",))
+def ddim_inversion(graph, state, schedule: DDIMSchedule, x0: Array, cond: Array) -> Array:
+    """Compiled DDIM inversion at guidance 1 (the prompt's conditional estimate), as the paper."""
+    TRACE_COUNT["ddim"] += 1
+    unet = _unet_fn(graph, state)
+    return ddim_invert(lambda x, t: unet(x, t, cond), schedule, x0)
+
+
+@xla_options.jit(static_argnames=("graph", "num_inner_steps"))
+def null_text_inversion(graph, state, schedule: DDIMSchedule, trajectory: Array, uncond: Array, cond: Array,
+                        scale: Array, settings: NullTextSettings, *, num_inner_steps: int) -> NullTextResult:
+    TRACE_COUNT["null_text"] += 1
+    return null_text_loop(_unet_fn(graph, state), schedule, trajectory, uncond, cond, scale, settings,
+                          num_inner_steps)
+
+
+@dataclasses.dataclass
+class Inversion:
+    """What `SemanticStableDiffusionPipeline.invert` found; pass it as `pipe(..., inversion=inv)`.
+
+    Arrays in diffusers' layouts. `uncond_embeddings` is None for method "ddim" (the pipeline then uses the
+    negative prompt, as usual)."""
+
+    latents: np.ndarray  # (B, 4, h, w) start latents (the inverted x_T)
+    uncond_embeddings: np.ndarray | None  # (N, B, L, D), one per denoising step
+    trajectory: np.ndarray  # (N + 1, B, 4, h, w) DDIM-inverted latents, x0 first
+    image_latents: np.ndarray  # (B, 4, h, w) the photo's VAE latents (x0)
+    timesteps: np.ndarray  # (N,) descending
+    prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    method: str
+    losses: np.ndarray | None = None  # (N, B)
+    iterations: np.ndarray | None = None  # (N, B)
+    scheduler: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def image_array(image, factor: int) -> np.ndarray:
+    """PIL image(s) or float arrays (H, W, 3) / (B, H, W, 3) in [0, 1] -> NHWC float32 in [-1, 1]."""
+    photos = image if isinstance(image, (list, tuple)) else [image]
+    if not photos:
+        raise ValueError("`image` is empty")
+    arrays = [np.asarray(p.convert("RGB"), np.float32) / 255.0 if isinstance(p, Image.Image)
+              else np.asarray(p, np.float32) for p in photos]
+    batch = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays])
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"`image` must be (H, W, 3) or (B, H, W, 3) RGB, got {batch.shape}")
+    if batch.shape[1] % max(8, factor) or batch.shape[2] % max(8, factor):
+        raise ValueError(f"image height and width must be divisible by {max(8, factor)}, "
+                         f"got {batch.shape[1:3]}")
+    if not np.isfinite(batch).all():
+        raise ValueError("`image` has non-finite values")
+    return batch * np.float32(2.0) - np.float32(1.0)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    return method
+
+
+@xla_options.jit(static_argnames=("graph",))
+def encode_image(graph, state, images: Array, scaling_factor) -> Array:
+    """The VAE posterior mean, scaled: NHWC latents in fp32."""
+    dtype = jax.tree.leaves(state)[0].dtype
+    mean, _ = nnx.merge(graph, state).encode(images.astype(dtype))
+    return scaling_factor * mean.astype(jnp.float32)
+
+
+def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 7.5,
+           method: str = "null-text", *, num_inner_steps: int = 10, learning_rate: float = 1e-2,
+           lr_decay: float = 1e-2, early_stop: float = 1e-5, early_stop_slope: float = 2e-5) -> Inversion:
+    """`SemanticStableDiffusionPipeline.invert`: DDIM-invert the photo(s) at guidance 1 with `prompt`, then
+    (method "null-text") optimise the per-step unconditional embeddings for `guidance_scale`."""
+    check_method(method)
+    if not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}")
+    num_inference_steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    num_inner_steps = inputs.check_int(num_inner_steps, "num_inner_steps", minimum=0)
+    scheduler = ddim_scheduler(pipe.scheduler)
+    schedule = scheduler.set_timesteps(num_inference_steps)
+    x0 = encode_image(pipe._vae[0], pipe._vae[1], jnp.asarray(image_array(image, pipe.vae_scale_factor)),
+                      pipe.vae.config.scaling_factor)
+    batch = x0.shape[0]
+    cond = pipe._encode([prompt] * batch)
+    trajectory = ddim_inversion(pipe._unet[0], pipe._unet[1], schedule, x0, cond)
+    result = None
+    if method == "null-text":
+        uncond = pipe._encode([""] * batch, truncation=True)
+        settings = NullTextSettings.create(learning_rate, lr_decay, early_stop, early_stop_slope)
+        result = null_text_inversion(pipe._unet[0], pipe._unet[1], schedule, trajectory, uncond, cond,
+                                     jnp.float32(guidance_scale), settings, num_inner_steps=num_inner_steps)
+    nchw = lambda a: np.moveaxis(np.asarray(a), -1, -3)
+    return Inversion(
+        latents=nchw(trajectory[-1]), uncond_embeddings=None if result is None else np.asarray(result.uncond),
+        trajectory=nchw(trajectory), image_latents=nchw(x0), timesteps=np.asarray(schedule.timesteps),
+        prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+        method=method, losses=None if result is None else np.asarray(result.losses),
+        iterations=None if result is None else np.asarray(result.iterations), scheduler=scheduler)
+
+
+def job_inputs(inversion: Inversion, steps: int, batch: int, do_cfg: bool, latents) -> tuple:
+    """(start noise NHWC, DDIM scheduler, its schedule, per-step uncond (N, B, L, D) or None) for
+    `pipe(..., inversion=inv)`."""
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"`inversion` must come from `pipe.invert`, got {type(inversion).__name__}")
+    if latents is not None:
+        raise ValueError("pass either `latents` or `inversion`, not both")
+    if steps != inversion.num_inference_steps:
+        raise ValueError(f"the inversion has {inversion.num_inference_steps} steps; pass "
+                         f"num_inference_steps={inversion.num_inference_steps}, got {steps}")
+    if batch != inversion.batch_size:
+        raise ValueError(f"the inversion has {inversion.batch_size} images, the call makes {batch}")
+    uncond = inversion.uncond_embeddings
+    step_uncond = jnp.asarray(uncond) if do_cfg and uncond is not None else None
+    noise = jnp.asarray(np.moveaxis(inversion.latents, 1, -1))
+    return noise, inversion.scheduler, inversion.scheduler.set_timesteps(steps), step_uncond

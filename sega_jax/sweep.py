@@ -9,13 +9,21 @@ Resuming: images are computed in fixed groups of `batch_per_device` (one device'
 always computed with the same batch-mates, whatever the device or process count or where a previous run
 stopped, and a resumed or multi-host run writes the same bytes as one uninterrupted run on the same
 devices (across device counts XLA may round differently: on CPU, 4 or 8 virtual devices move a few pixels
-by 1/255). A rerun skips every image in a manifest. Files are written to a temporary name and renamed, and a
-manifest line is appended (one write) only after its PNG is in place, so a kill -9 at any moment leaves no
-partial PNG and at most a torn last manifest line, which the next run cuts off.
+by 1/255). A rerun skips every image in a manifest. A PNG is written whole (a local file to a temporary
+name, then renamed; an object in one upload) before its manifest record, so a kill -9 at any moment leaves
+no partial PNG and at most a torn last manifest line, which the next run cuts off.
 
 Multi-host: with `jax.distributed` initialised (or `--coordinator/--num-processes/--process-id`), process
 p takes the groups g with g % num_processes == p and appends to its own `manifest.{p}-of-{n}.jsonl`; the
 union of the parts equals a single-process run's `manifest.jsonl`.
+
+Shards, with no coordinator: `--shard I/N` (or $SEGA_JAX_SHARD) takes the groups g with g % N == I (split
+again among the jax processes, if any) and writes its own manifest part `manifest.{I}-of-{N}`. Shards may
+run at any time, anywhere, on any device count; every run skips what any part records, so a later run with
+another N (or none) does whatever is still missing.
+
+The output is a local folder or an fsspec URL (gs://, s3://, memory://, ...): see `sega_jax.sweep_store`.
+`sega-jax sweep status OUT` and `sega-jax sweep sheets OUT`: `sega_jax.sweep_status`.
 """
 
 from __future__ import annotations
@@ -26,18 +34,19 @@ import io
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from sega_jax import sweep_status
+from sega_jax.pipeline_inputs import IneffectiveEditWarning, warn_ineffective_settings
 from sega_jax.sweep_files import (
-    ManifestWriter,
-    atomic_write,
-    manifest_name,
     prepare_output,
     read_manifest,
     read_manifest_part,
+    union,
     write_contact_sheets,
 )
 from sega_jax.sweep_spec import (
@@ -49,6 +58,7 @@ from sega_jax.sweep_spec import (
     load_spec,
     read_spec_file,
 )
+from sega_jax.sweep_store import SHARD_ENV, ManifestWriter, Store, Worker, shard_from
 
 __all__ = ["SpecError", "load_spec", "main", "prepare_output", "read_manifest", "read_manifest_part",
            "run_sweep", "spec_from_args", "build_parser", "write_contact_sheets"]
@@ -88,18 +98,20 @@ class _Jobs:
             if len(self.cache) > 64:
                 self.cache.clear()
             spec = self.spec
-            self.cache[key] = self.pipe.prepare(
-                spec.prompts[prompt],
-                negative_prompt=spec.negative_prompt,
-                height=spec.height,
-                width=spec.width,
-                num_inference_steps=spec.num_inference_steps,
-                guidance_scale=spec.checked[0]["guidance_scale"],
-                num_images_per_prompt=spec.images_per_seed,
-                eta=spec.eta,
-                editing_prompt=spec.editing_prompt or None,
-                seed=seed,
-            )
+            with warnings.catch_warnings():  # the spec's own settings were checked once, up front
+                warnings.simplefilter("ignore", IneffectiveEditWarning)
+                self.cache[key] = self.pipe.prepare(
+                    spec.prompts[prompt],
+                    negative_prompt=spec.negative_prompt,
+                    height=spec.height,
+                    width=spec.width,
+                    num_inference_steps=spec.num_inference_steps,
+                    guidance_scale=spec.checked[0]["guidance_scale"],
+                    num_images_per_prompt=spec.images_per_seed,
+                    eta=spec.eta,
+                    editing_prompt=spec.editing_prompt or None,
+                    seed=seed,
+                )
         return self.cache[key]
 
     def chunk(self, chunk_items: Sequence[Item]):
@@ -108,9 +120,11 @@ class _Jobs:
         import jax.numpy as jnp
 
         pairs = [(self.job(item.prompt, item.seed), item.image) for item in chunk_items]
-        pick = lambda field, axis: jnp.stack(
-            [jnp.take(getattr(job, field), image, axis=axis) for job, image in pairs], axis=axis
+        images = [image for _, image in pairs]
+        stack = lambda axis: lambda *xs: jnp.stack(
+            [jnp.take(x, i, axis=axis) for x, i in zip(xs, images, strict=True)], axis=axis
         )
+        pick = lambda field, axis: jax.tree.map(stack(axis), *[getattr(job, field) for job, _ in pairs])
         keys = jnp.stack([job.image_keys[image] for job, image in pairs])
         params = jax.tree.map(lambda *xs: jnp.stack(xs), *[self.params[item.setting] for item in chunk_items])
         return pairs[0][0]._replace(
@@ -143,6 +157,7 @@ def _record(spec: SweepSpec, item: Item, image: Any, digest: str, nsfw: bool | N
         model=spec.model,
         dtype=spec.dtype,
         nsfw=nsfw,
+        batch_per_device=spec.batch_per_device,  # the work-group size: which images were computed together
     )
 
 
@@ -170,17 +185,20 @@ def run_sweep(
     progress: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> SweepSummary:
-    """Run (or resume) a sweep: this process's share of the images, then the complete contact sheets."""
+    """Run (or resume) a sweep: this worker's share of the images (shard `shard` = (i, n) of the work
+    groups, split again among jax processes), then the contact sheets of complete prompts not drawn yet."""
     import jax
 
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    prepare_output(spec, index, count)
-    writer = ManifestWriter(spec.output / manifest_name(index, count))
-    done = {record["file"] for record in read_manifest(spec.output)}
+    worker = Worker(shard, (index, count))
+    store = prepare_output(spec, worker)
+    writer = store.writer(worker.part)
+    done = {record["file"] for record in union(store.manifest_parts())}
     all_items = items(spec)
-    mine = groups(all_items, spec.batch_per_device)[index::count]
+    mine = worker.share(groups(all_items, spec.batch_per_device))
     todo = [g for g in mine if any(item.file not in done for item in g)]  # groups still missing an image
     total_mine = sum(len(g) for g in mine)
     skipped = total_mine - sum(item.file not in done for g in todo for item in g)
@@ -188,15 +206,33 @@ def run_sweep(
     try:
         if todo:
             pipe = load_pipeline(spec) if pipe is None else pipe
-            written, rate = _compute(spec, pipe, todo, done, writer, index, progress, total_mine, skipped)
+            _warn_ineffective(spec, pipe)
+            output = _Output(store, writer, done, worker.tag)
+            written, rate = _compute(spec, pipe, todo, output, progress, total_mine, skipped)
     finally:
         writer.close()
     seconds = time.perf_counter() - started
-    write_contact_sheets(spec, index)
+    write_contact_sheets(spec, store, worker.tag, redraw=False)
     return SweepSummary(len(all_items), total_mine, skipped, written, seconds, rate)
 
 
-def _compute(spec, pipe, todo, done, writer, index, progress, total_mine, skipped) -> tuple[int, float]:
+def _warn_ineffective(spec: SweepSpec, pipe) -> None:
+    """One warning for the whole spec, before any image: the concepts some settings keep out of the images
+    (the per-image `prepare` calls do not warn again)."""
+    if spec.editing_prompt:
+        loop_steps = int(pipe.scheduler.set_timesteps(spec.num_inference_steps).timesteps.shape[0])
+        names = [repr(text) for text in spec.editing_prompt]
+        warn_ineffective_settings(spec.checked, loop_steps, names, stacklevel=3)
+
+
+class _Output(NamedTuple):
+    store: Store
+    writer: ManifestWriter
+    done: set[str]
+    tag: str
+
+
+def _compute(spec, pipe, todo, output: _Output, progress, total_mine, skipped) -> tuple[int, float]:
     """Run this process's remaining groups; returns (images written, images/s after the first chunk)."""
     from tqdm.auto import tqdm
 
@@ -212,15 +248,17 @@ def _compute(spec, pipe, todo, done, writer, index, progress, total_mine, skippe
         chunk_items = [item for g in chunk_groups for item in _padded(g, size)]
         images, nsfw = _decode_chunk(pipe, spec, jobs.chunk(chunk_items), devices)
         for position, item in enumerate(chunk_items):
-            if item.file in done:
+            if item.file in output.done:
                 continue  # done earlier, or a padding copy
             data = _png(images[position])
-            atomic_write(spec.output / item.file, data, f"p{index}")
+            output.store.write(item.file, data, output.tag)  # the image whole, then its record
             flag = None if nsfw is None else bool(nsfw[position])
-            writer.append(_record(spec, item, images[position], hashlib.sha256(data).hexdigest(), flag))
-            done.add(item.file)
+            digest = hashlib.sha256(data).hexdigest()
+            output.writer.append(_record(spec, item, images[position], digest, flag))
+            output.done.add(item.file)
             written += 1
             bar.update(1)
+        output.writer.flush()  # an object store: this chunk's records as one object, after its images
         if first_chunk is None:  # the first chunk includes compilation: leave it out of the rate
             first_chunk = (written, time.perf_counter())
     bar.close()
@@ -246,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sega-jax sweep",
         description="Resumable prompts x seeds x edit-settings sweeps (PNGs, a manifest, contact sheets).",
         epilog="Example: sega-jax sweep --model ./sd15 --prompt 'a photo of a woman' --seeds 0:8 "
-        "--editing-prompt 'smiling, smile' --grid 'edit_guidance_scale=[0,3,6]' --out sweeps/smile",
+        "--editing-prompt 'smiling, smile' --grid 'edit_guidance_scale=[0,3,6]' --out sweeps/smile. "
+        "Progress: sega-jax sweep status OUT; contact sheets redrawn: sega-jax sweep sheets OUT.",
     )
     parser.add_argument("spec", nargs="?", help="a JSON (or YAML) spec file; flags override its keys")
-    parser.add_argument("--out", help="output folder (spec key `output`)")
+    parser.add_argument(
+        "--out", help="output folder or URL: gs://bucket/prefix, s3://bucket/prefix, ... (spec key `output`)"
+    )
     parser.add_argument("--model", help="a diffusers folder, a hub id, or 'tiny'")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--seeds", help="'start:stop', '1,5,9' or one int")
@@ -273,7 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, help="use only the first N local devices")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--check", action="store_true", help="validate the spec and output folder, then stop")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help=f"run only shard I of N of the work, with no coordinator (default: ${SHARD_ENV}, else all); "
+        "any later run, with any N, does what is still missing",
+    )
     group = parser.add_argument_group("multi-host (jax.distributed.initialize)")
+    group.add_argument(
+        "--distributed", action="store_true", help="initialise with what JAX detects (Cloud TPU pods, SLURM)"
+    )
     group.add_argument("--coordinator", help="coordinator address host:port")
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
@@ -301,37 +351,46 @@ def spec_from_args(args: argparse.Namespace) -> dict:
 
 def _init_distributed(args: argparse.Namespace) -> None:
     given = [args.coordinator, args.num_processes, args.process_id]
-    if all(v is None for v in given):
+    if all(v is None for v in given) and not args.distributed:
         return
-    if any(v is None for v in given):
+    if any(v is None for v in given) and not all(v is None for v in given):
         raise SpecError("multi-host needs all of --coordinator, --num-processes and --process-id")
     import jax
 
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
-    )
+    kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes)
+    jax.distributed.initialize(**kwargs, process_id=args.process_id)  # all None: JAX detects them
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sega-jax sweep: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sega-jax sweep`: returns 0 when done, 2 for a bad spec or output folder."""
+    """`sega-jax sweep [status|sheets]`: returns 0 when done, 2 for a bad spec or output folder."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in sweep_status.COMMANDS:
+        return sweep_status.main(argv)
     args = build_parser().parse_args(argv)
     try:
+        shard = shard_from(args.shard)
         _init_distributed(args)  # before anything touches a JAX backend
         spec = load_spec(spec_from_args(args))
         if args.check:
             import jax
 
-            prepare_output(spec, jax.process_index(), jax.process_count())
+            prepare_output(spec, Worker(shard, (jax.process_index(), jax.process_count())))
             print(f"ok: {len(items(spec))} images into {spec.output}")
             return 0
-        summary = run_sweep(spec, progress=not args.no_progress)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            summary = run_sweep(spec, progress=not args.no_progress, shard=shard)
     except SpecError as err:
         print(f"sega-jax sweep: error: {err}", file=sys.stderr)
         return 2
     rate = summary.images_per_second
     print(
         f"{summary.written} images written, {summary.skipped} already done ({summary.mine} of "
-        f"{summary.total} for this process) in {summary.seconds:.1f} s"
+        f"{summary.total} for this worker) in {summary.seconds:.1f} s"
         + ("" if rate != rate else f"; {rate:.2f} images/s after the first call (compilation)"),
         flush=True,
     )

@@ -1,100 +1,61 @@
-"""A sweep's output folder: the stored spec, manifest parts (JSON lines), atomic writes, contact sheets."""
+"""A sweep's output (a folder or an object-store URL, `sega_jax.sweep_store`): the stored spec, the manifest
+parts (JSON lines) and their union, contact sheets."""
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sega_jax.sweep_spec import SHORT_NAMES, SPEC_FILE, Item, SpecError, SweepSpec, items
+from sega_jax.sweep_store import Store, Worker, open_store, parse_records
 
-# -- the output folder: spec, manifest parts, atomic writes --------------------------------------------
-
-
-def manifest_name(process_index: int = 0, process_count: int = 1) -> str:
-    return "manifest.jsonl" if process_count == 1 else f"manifest.{process_index}-of-{process_count}.jsonl"
+# -- the output: spec, manifest parts ------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes, tag: str) -> None:
-    """Write to `.name.tag.tmp`, fsync, rename: readers and a later run see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{tag}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_output(spec: SweepSpec, process_index: int = 0, process_count: int = 1) -> None:
-    """Create the folder, check it is writable and holds no other sweep; store the spec; tidy leftovers
-    (this process's temporary files, or all of them when it runs alone)."""
-    out = spec.output
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
-            pass
-    except OSError as err:
-        raise SpecError(f"output folder {out} is not writable: {err}") from err
-    stored = out / SPEC_FILE
-    if stored.exists():
-        old = json.loads(stored.read_text())
+def prepare_output(spec: SweepSpec, worker: Worker | None = None) -> Store:
+    """Open the output, check it is writable and holds no other sweep; store the spec; tidy leftovers
+    (this worker's temporary files, or all of them when it runs alone). Returns the store."""
+    worker = Worker() if worker is None else worker
+    store = open_store(spec.output)
+    store.check_writable()
+    if store.exists(SPEC_FILE):
+        old = json.loads(store.read(SPEC_FILE))
         new = spec.fingerprint()
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SpecError(
-                f"{out} holds a sweep with a different spec (changed: {changed}); use another output "
-                f"folder, or restore the spec stored in {stored}"
+                f"{store.url} holds a sweep with a different spec (changed: {changed}); use another output "
+                f"folder, or restore the spec stored in its {SPEC_FILE}"
             )
-    elif list(out.glob("manifest*.jsonl")):
-        raise SpecError(f"{out} has manifests but no {SPEC_FILE}: not a folder this tool can resume")
+    elif store.manifest_parts():
+        raise SpecError(f"{store.url} has manifests but no {SPEC_FILE}: not a folder this tool can resume")
     else:
-        data = json.dumps(spec.fingerprint(), indent=1, sort_keys=True).encode()
-        atomic_write(stored, data, f"p{process_index}")
-    pattern = ".*.tmp" if process_count == 1 else f".*.p{process_index}.tmp"
-    for leftover in out.glob(pattern):
-        leftover.unlink(missing_ok=True)
-
-
-def repair_manifest(path: Path) -> None:
-    """Cut off a torn last line (a run killed mid-append)."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+        store.write(SPEC_FILE, json.dumps(spec.fingerprint(), indent=1, sort_keys=True).encode(), worker.tag)
+    store.tidy(None if worker.alone else worker.tag)
+    return store
 
 
 def read_manifest_part(path: str | os.PathLike) -> list[dict]:
-    """The complete records of one manifest part (a torn last line, if any, is left out)."""
-    lines = Path(path).read_bytes().split(b"\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]  # lines[-1]: b"" or torn
+    """The complete records of one local manifest file (a torn last line, if any, is left out)."""
+    return parse_records(Path(path).read_bytes())
 
 
-def read_manifest(folder: str | os.PathLike) -> list[dict]:
-    """All complete records of all manifest parts, sorted by file name."""
-    parts = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "manifest*.jsonl")))
-    return sorted((record for part in parts for record in read_manifest_part(part)), key=lambda r: r["file"])
+def union(parts: Mapping[str, list[dict]]) -> list[dict]:
+    """The records of all parts, one per file (the first found), sorted by file name."""
+    records: dict[str, dict] = {}
+    for name in sorted(parts):
+        for record in parts[name]:
+            records.setdefault(record["file"], record)
+    return [records[file] for file in sorted(records)]
 
 
-class ManifestWriter:
-    """Appends one JSON line per image with a single write (O_APPEND)."""
-
-    def __init__(self, path: Path):
-        repair_manifest(path)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def append(self, record: dict) -> None:
-        os.write(self.fd, (json.dumps(record, sort_keys=True) + "\n").encode())
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
+def read_manifest(output: str | os.PathLike) -> list[dict]:
+    """All complete records of all manifest parts of a sweep's output (a folder or a URL)."""
+    return union(open_store(output).manifest_parts())
 
 
 # -- contact sheets ----------------------------------------------------------------------------------
@@ -117,14 +78,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def contact_sheet(spec: SweepSpec, prompt: int):
+def contact_sheet(spec: SweepSpec, prompt: int, store: Store | None = None):
     """The prompt's images as a grid (rows: seed/image, columns: settings) with labels, as a PIL image."""
     from PIL import Image, ImageDraw, ImageFont
+
+    store = open_store(spec.output) if store is None else store
+    load = lambda *key: Image.open(io.BytesIO(store.read(Item(prompt, *key).file)))
 
     font = ImageFont.load_default()
     line = 12 + 2
     rows = [(seed, image) for seed in spec.seeds for image in range(spec.images_per_seed)]
-    first = Image.open(spec.output / Item(prompt, rows[0][0], rows[0][1], 0).file)
+    first = load(rows[0][0], rows[0][1], 0)
     cell_w = min(max(first.width, 96), 256)
     cell_h = round(first.height * cell_w / first.width)
     labels = setting_labels(spec.settings)
@@ -142,7 +106,7 @@ def contact_sheet(spec: SweepSpec, prompt: int):
     for row, ((seed, image), name) in enumerate(zip(rows, names, strict=True)):
         draw.text((4, top + row * cell_h + cell_h // 2 - 6), name, fill="black", font=font)
         for column in range(len(labels)):
-            tile = Image.open(spec.output / Item(prompt, seed, image, column).file).convert("RGB")
+            tile = load(seed, image, column).convert("RGB")
             resample = Image.Resampling.NEAREST if tile.width < cell_w else Image.Resampling.LANCZOS
             sheet.paste(tile.resize((cell_w, cell_h), resample), (left + column * cell_w, top + row * cell_h))
     return sheet
@@ -154,15 +118,29 @@ def _fit(draw, text: str, width: float, font) -> str:
     return text
 
 
-def write_contact_sheets(spec: SweepSpec, process_index: int = 0) -> list[Path]:
-    """`contact-p{prompt}.png` for every prompt whose images are all in the manifests."""
-    done = {record["file"] for record in read_manifest(spec.output)}
+def sheet_name(prompt: int) -> str:
+    return f"contact-p{prompt:03d}.png"
+
+
+def complete_prompts(spec: SweepSpec, done: set[str]) -> list[int]:
+    """The prompts whose images are all in `done` (a set of file names)."""
+    missing = {item.prompt for item in items(spec) if item.file not in done}
+    return [prompt for prompt in range(len(spec.prompts)) if prompt not in missing]
+
+
+def write_contact_sheets(
+    spec: SweepSpec, store: Store | None = None, tag: str = "p0", redraw: bool = True
+) -> list[str]:
+    """`contact-p{prompt}.png` for every prompt whose images are all in the manifests (with `redraw`
+    False, only those not drawn yet); returns the names written."""
+    store = open_store(spec.output) if store is None else store
+    done = {record["file"] for record in union(store.manifest_parts())}
+    existing = set() if redraw else set(store.names("contact-p*.png"))
     written = []
-    for prompt in range(len(spec.prompts)):
-        if all(item.file in done for item in items(spec) if item.prompt == prompt):
+    for prompt in complete_prompts(spec, done):
+        if sheet_name(prompt) not in existing:
             buffer = io.BytesIO()
-            contact_sheet(spec, prompt).save(buffer, format="PNG")
-            path = spec.output / f"contact-p{prompt:03d}.png"
-            atomic_write(path, buffer.getvalue(), f"p{process_index}")
-            written.append(path)
+            contact_sheet(spec, prompt, store).save(buffer, format="PNG")
+            store.write(sheet_name(prompt), buffer.getvalue(), tag)
+            written.append(sheet_name(prompt))
     return written

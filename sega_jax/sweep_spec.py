@@ -72,8 +72,9 @@ class SweepSpec:
             raise AttributeError(key) from None
 
     @property
-    def output(self) -> Path:
-        return Path(self.values["output"])
+    def output(self) -> str:
+        """A local folder or an fsspec URL (see `sega_jax.sweep_store`)."""
+        return self.values["output"]
 
     def fingerprint(self) -> dict:
         """What decides the images (the spec minus RUNTIME_KEYS), as stored in the output folder."""
@@ -215,7 +216,10 @@ def load_spec(spec: Mapping[str, Any]) -> SweepSpec:
     if missing:
         raise SpecError(f"missing spec key(s) {missing}")
     values = json.loads(json.dumps({**DEFAULTS, **spec}))  # a deep, JSON-clean copy
-    values["output"] = str(spec["output"])
+    values["output"] = os.fspath(spec["output"])
+    from sega_jax.sweep_store import check_url
+
+    check_url(values["output"])
     _check_scalars(values)
     settings = expand_settings(values)
     checked = _check_settings(values, settings)

@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax import sweep, sweep_files
+from sega_jax import SemanticStableDiffusionPipeline, sweep, sweep_files
+from tests.helpers import reserved_port
 from tests.tiny_pipeline import save_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,30 @@ def setup(tmp_path_factory) -> dict:
     return dict(root=root, spec=spec_file, env=env)
 
 
-def command(setup: dict, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", WITH_TRACES, str(setup["spec"]), "--out", str(out), "--no-progress", *extra]
+# Prepended to WITH_TRACES by `kill_after`: the sweep stops itself (SIGSTOP) while writing the first image
+# after its manifest has STOP_AFTER lines, with that image's temporary file written but not yet renamed.
+STOP_HOOK = """
+import os, signal, sys
+from pathlib import Path
+
+_after = int(os.environ["STOP_AFTER"])
+_manifest = Path(sys.argv[sys.argv.index("--out") + 1]) / "manifest.jsonl"
+_replace = os.replace
+
+
+def _stop_mid_write(src, dst, **kwargs):
+    name = os.path.basename(dst)
+    if name.startswith("p") and name.endswith(".png") and _manifest.read_bytes().count(b"\\n") >= _after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    _replace(src, dst, **kwargs)
+
+
+os.replace = _stop_mid_write
+"""
+
+
+def command(setup: dict, out: Path, *extra: str, script: str = WITH_TRACES) -> list[str]:
+    return [sys.executable, "-c", script, str(setup["spec"]), "--out", str(out), "--no-progress", *extra]
 
 
 def run(setup: dict, out: Path, *extra: str) -> str:
@@ -83,16 +106,28 @@ def lines(path: Path) -> int:
 
 
 def kill_after(setup: dict, out: Path, count: int) -> None:
-    """Start the sweep, SIGKILL it as soon as its manifest has `count` lines; check it died mid-run."""
+    """Run the sweep until it stops itself mid-write of the image after its manifest's `count`-th line
+    (STOP_HOOK), then SIGKILL it there: the kill lands on that event however loaded the machine is."""
     proc = subprocess.Popen(
-        command(setup, out), cwd=ROOT, env=setup["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(setup, out, script=STOP_HOOK + WITH_TRACES),
+        cwd=ROOT,
+        env={**setup["env"], "STOP_AFTER": str(count)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 300
-    while lines(out / "manifest.jsonl") < count and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    try:
+        status, deadline = 0, time.monotonic() + 600  # a guard against a hung sweep, not the kill's timing
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.05)
+        assert os.WIFSTOPPED(status), f"the sweep did not stop after {count} images (wait status {status})"
+        assert len(list(out.glob(".p*.png.*.tmp"))) == 1  # stopped mid-write: the next image's temporary file
+    finally:
+        proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert count <= lines(out / "manifest.jsonl") < TOTAL  # killed mid-run, not after it finished
+    assert lines(out / "manifest.jsonl") == count < TOTAL  # killed mid-run, at the chosen image
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -143,29 +178,24 @@ def test_rerunning_a_finished_sweep_computes_nothing(setup, full_run, monkeypatc
     assert (summary.total, summary.skipped, summary.written) == (TOTAL, TOTAL, 0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_with_jax_distributed_equal_one_process(setup, full_run):
     out = setup["root"] / "two-hosts"
-    hosts = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--process-id"]
-    procs = [
-        subprocess.Popen(
-            command(setup, out, *hosts, str(i)),
-            cwd=ROOT,
-            env=setup["env"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-4000:]
+    with reserved_port() as port:
+        hosts = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
+        procs = [
+            subprocess.Popen(
+                command(setup, out, *hosts, str(i)),
+                cwd=ROOT,
+                env=setup["env"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-4000:]
     parts = [sweep.read_manifest_part(out / f"manifest.{i}-of-2.jsonl") for i in range(2)]
     assert len(parts[0]) == len(parts[1]) == TOTAL // 2
     assert not {r["file"] for r in parts[0]} & {r["file"] for r in parts[1]}
@@ -174,6 +204,25 @@ def test_two_processes_with_jax_distributed_equal_one_process(setup, full_run):
     assert {k: v for k, v in snapshot(out).items() if "manifest" not in k} == {
         k: v for k, v in single.items() if "manifest" not in k
     }
+
+
+def test_non_square_sweep_images_are_the_pipelines_images(setup, tmp_path):
+    """16 high, 24 wide: the PNGs have the pipeline's size and pixels (a height/width swap would not)."""
+    model = setup["root"] / "model"
+    pipe = SemanticStableDiffusionPipeline.from_pretrained(model, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    spec = sweep.load_spec({
+        **make_spec(model), "prompts": ["a cat"], "seeds": [4], "width": 24,
+        "grid": dict(edit_guidance_scale=[3]), "batch_per_device": 1, "output": str(tmp_path / "out"),
+    })
+    assert sweep.run_sweep(spec, pipe=pipe, progress=False).written == 1
+    (record,) = sweep.read_manifest(tmp_path / "out")
+    png = np.asarray(Image.open(tmp_path / "out" / record["file"]).convert("RGB"), np.int16)
+    expected = pipe("a cat", seed=4, height=16, width=24, num_inference_steps=2,
+                    editing_prompt=["smiling", "glasses"], edit_warmup_steps=1, edit_guidance_scale=3,
+                    output_type="np").images[0]
+    assert png.shape == expected.shape == (16, 24, 3)
+    assert np.abs(png - np.round(expected * 255)).max() <= 1  # batch composition may flip a rounding
 
 
 # -- bad specs: clear errors before any compute -----------------------------------------------------

@@ -5,7 +5,9 @@
 #      precision: XLA's default fp32 matmuls on Ampere+ are TF32, which is not what parity means);
 #   3. runs scripts/benchmark.py for the SD 1.5 architecture, 512x512, 50 steps, 4 concepts, bf16 ours vs
 #      fp16 diffusers on the same card, with model FLOP utilisation against the card's bf16 peak;
-#   4. prints one table (also written to $OUT/gpu_check.md). Budget: under 8 minutes on an H100/H200.
+#   4. runs it for SDXL (the real architecture, random weights), 1024x1024, 50 steps, 2 concepts, bf16 ours vs
+#      fp16 diffusers (its SEGA code around its SDXL UNet, sega_jax.reference.sega_xl_reference);
+#   5. prints one table (also written to $OUT/gpu_check.md). Budget: under 15 minutes on an H100/H200.
 #
 # Usage: bash scripts/gpu_check.sh        (SKIP_INSTALL=1 when the environment is ready;
 #        PEAK_TFLOPS=... to override the dense bf16 peak taken from the card's name; OUT=folder for logs)
@@ -44,7 +46,12 @@ JAX_PLATFORMS=cuda timeout 300 python3 scripts/benchmark.py --model sd15 --size 
   2>&1 | tee "$OUT/benchmark.log"
 bench_rc=${PIPESTATUS[0]}
 
-field() { grep -m1 "$1" "$OUT/benchmark.log" | sed -E "s/$2/\1/"; }
+JAX_PLATFORMS=cuda timeout 600 python3 scripts/benchmark.py --model sdxl --size 1024 --steps 50 --concepts 2 \
+  --dtype bfloat16 --torch-device cuda --torch-dtype float16 --repeats 1 \
+  2>&1 | tee "$OUT/benchmark_sdxl.log"
+sdxl_rc=${PIPESTATUS[0]}
+
+field() { grep -m1 "$1" "${LOG:-$OUT/benchmark.log}" | sed -E "s/$2/\1/"; }
 {
   echo "GPU check on: $GPU ($(date -u '+%Y-%m-%d %H:%M UTC'))"
   echo
@@ -58,5 +65,11 @@ field() { grep -m1 "$1" "$OUT/benchmark.log" | sed -E "s/$2/\1/"; }
   echo "| GPU peak memory, sega-jax / diffusers | $(field '^sega-jax :' '.*gpu peak ([0-9]+ MB).*') / $(field '^diffusers:' '.*gpu peak ([0-9]+ MB).*') |"
   echo "| compile time, sega-jax | $(field '^sega-jax :' '.*compile ([0-9.]+ s).*') |"
   echo "| benchmark exit status | $bench_rc |"
+  LOG="$OUT/benchmark_sdxl.log"
+  echo "| SDXL sega-jax bf16, ms/step (1024x1024, 50 steps, 2 concepts) | $(field '^sega-jax :' '^sega-jax : *([0-9.]+) ms.*') |"
+  echo "| SDXL diffusers fp16 (SEGA code around its UNet), ms/step | $(field '^diffusers:' '^diffusers: *([0-9.]+) ms.*') |"
+  echo "| SDXL speed-up (diffusers / sega-jax) | $(field '^ratio' '.*: ([0-9.]+x).*') |"
+  echo "| SDXL GPU peak memory, sega-jax / diffusers | $(field '^sega-jax :' '.*gpu peak ([0-9]+ MB).*') / $(field '^diffusers:' '.*gpu peak ([0-9]+ MB).*') |"
+  echo "| SDXL benchmark exit status | $sdxl_rc |"
 } | tee "$OUT/gpu_check.md"
-[ "$parity_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$parity_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$sdxl_rc" = 0 ]

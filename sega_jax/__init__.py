@@ -2,8 +2,16 @@
 
 from sega_jax.guidance import EditParams, sega_step
 from sega_jax.pipeline import SemanticStableDiffusionPipeline, SemanticStableDiffusionPipelineOutput
+from sega_jax.pipelines import (
+    LEditsPPPipelineStableDiffusion,
+    LEditsPPPipelineStableDiffusionXL,
+    SemanticStableDiffusionXLPipeline,
+    load_pipeline,
+)
 from sega_jax.sampler import sega_sample
 
-__all__ = ["EditParams", "SemanticStableDiffusionPipeline", "SemanticStableDiffusionPipelineOutput",
+__all__ = ["EditParams", "LEditsPPPipelineStableDiffusion", "LEditsPPPipelineStableDiffusionXL",
+           "SemanticStableDiffusionPipeline",
+           "SemanticStableDiffusionPipelineOutput", "SemanticStableDiffusionXLPipeline", "load_pipeline",
            "sega_sample", "sega_step"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -21,28 +22,37 @@ from sega_jax.cli_settings import (
     MODEL_ENV,
     NEVER,
     SETTING_KEYS,
+    XL_FLAGS,
+    XL_PIPELINE,
     CLIError,
     Edit,
     call_kwargs,
+    check_family,
     edit_kwargs,
+    lora_setting,
     parameters_text,
     parse_edit,
     parse_finite,
     parse_integer,
+    parse_lora,
     png_info,
+    prepare_kwargs,
     read_png_settings,
     resolve_settings,
     sampler_name,
 )
 
-__all__ = ["DEFAULTS", "FORMAT", "METADATA_KEY", "MODEL_ENV", "NEVER", "SETTING_KEYS", "CLIError", "Edit",
-           "build_parser", "call_kwargs", "edit_kwargs", "main", "parameters_text", "parse_edit", "png_info",
-           "read_png_settings", "resolve_settings", "sampler_name"]
+__all__ = ["DEFAULTS", "FORMAT", "METADATA_KEY", "MODEL_ENV", "NEVER", "SETTING_KEYS", "XL_FLAGS", "CLIError",
+           "Edit", "build_parser", "call_kwargs", "check_family", "edit_kwargs", "main", "parameters_text",
+           "parse_edit", "png_info", "prepare_kwargs", "read_png_settings", "resolve_settings",
+           "sampler_name"]
 
 PROG = "sega-jax"
 EXTERNAL = {
+    "edit": ("sega_jax.cli_edit", "edit a photo with LEDITS++ (invert it once, then semantic concepts)"),
     "sweep": ("sega_jax.sweep", "seed x edit-strength sweeps over all devices (resumable, multi-host)"),
     "bench": ("sega_jax.benchmark", "time sega-jax against diffusers on the same model"),
+    "app": ("sega_jax.app", "the semantic editor in the browser (Gradio: pip install \"sega-jax[app]\")"),
 }
 EDIT_HELP = """\
 Edit syntax: --edit "TEXT[@OPTIONS]", repeatable, one concept per flag. TEXT may contain commas; OPTIONS
@@ -61,7 +71,10 @@ is a comma-separated list of
 
 Every PNG carries its settings (an A1111-style `parameters` text and JSON under `sega_jax`):
 `sega-jax generate --from-png out/sega_21_0.png` reproduces it; other flags override the file's settings.
-The model is --model, else $SEGA_JAX_MODEL, else 'tiny' (random weights, no download)."""
+The model is --model, else $SEGA_JAX_MODEL, else 'tiny' (random weights, no download). An SDXL folder
+(or hub id) runs SemanticStableDiffusionXLPipeline: its guidance default is 5.0 (SD: 7.5), and it takes the
+SDXL-only flags --prompt-2, --negative-prompt-2, --guidance-rescale, --original-size, --target-size and
+--crops-coords-top-left (an error on an SD model)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,6 +115,20 @@ def _dtype(text: str, what: str) -> str:
     return names[text.lower()]
 
 
+def _pair(text: str, what: str) -> list[int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2:
+        raise CLIError(f"{what} must be two integers A,B, got {text!r}")
+    return [parse_integer(part.strip(), what) for part in parts]
+
+
+def _rescale(text: str, what: str) -> float:
+    value = parse_finite(text, what)
+    if not 0.0 <= value <= 1.0:
+        raise CLIError(f"{what} must lie in [0, 1], got {text}")
+    return value
+
+
 def _edit(text: str, what: str) -> str:
     parse_edit(text)  # validated now; kept as text so the PNG's settings stay in the documented form
     return text
@@ -119,7 +146,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add("--steps", type=_arg(parse_integer, "--steps", minimum=1, maximum=1000),
         help="denoising steps (num_inference_steps; default 50)")
     add("--guidance", type=_arg(parse_finite, "--guidance"),
-        help="classifier-free guidance scale (default 7.5)")
+        help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD, 5.0 for SDXL)")
     add("--scheduler", help="ddim, pndm, plms, lms, lms-karras, euler, euler-karras, euler-a, dpm++2m, "
                             "dpm++2m-karras or a diffusers class name (default: the model's own)")
     add("--height", type=_arg(_size, "--height"), help="image height, a multiple of 8 (default: the model's)")
@@ -133,8 +160,21 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="SEGA momentum scale (edit_momentum_scale; default 0.1)")
     add("--mom-beta", type=_arg(parse_finite, "--mom-beta"),
         help="SEGA momentum beta (edit_mom_beta; default 0.4)")
+    add("--lora", action="append", metavar="FILE[@SCALE]", type=_arg(lora_setting, "--lora"),
+        help="LoRA weights (diffusers or kohya .safetensors) at SCALE (default 1; repeatable)")
     add("--no-safety-checker", dest="safety_checker", action="store_false",
         help="skip the model's safety checker (when its folder has one)")
+    xl = p.add_argument_group("SDXL only (an error on an SD 1.x/2.x model)")
+    xl.add_argument("--prompt-2", help="the prompt for the second text encoder (default: --prompt)")
+    xl.add_argument("--negative-prompt-2", help="the negative prompt for the second text encoder")
+    xl.add_argument("--guidance-rescale", type=_arg(_rescale, "--guidance-rescale"),
+                    help="rescale the guided prediction towards the text one's std, in [0, 1] (default 0)")
+    xl.add_argument("--original-size", type=_arg(_pair, "--original-size"), metavar="H,W",
+                    help="micro-conditioning original size, height,width (default: the image size)")
+    xl.add_argument("--target-size", type=_arg(_pair, "--target-size"), metavar="H,W",
+                    help="micro-conditioning target size, height,width (default: the image size)")
+    xl.add_argument("--crops-coords-top-left", type=_arg(_pair, "--crops-coords-top-left"),
+                    metavar="TOP,LEFT", help="micro-conditioning crop coordinates (default 0,0)")
     add("--out", help="output folder (default outputs/) or file pattern such as out/face_{seed}_{index}.png")
     add("--from-png", metavar="FILE", help="reproduce the image FILE (a sega-jax PNG) from its settings")
     add("--no-cache", action="store_true", help="no persistent compilation cache (or SEGA_JAX_CACHE_DIR=off)")
@@ -201,8 +241,19 @@ def load_pipeline(settings: dict, progress: bool = False):
                               progress=progress)
 
 
+def model_is_xl(model: str) -> bool | None:
+    """Whether the model is SDXL, known without loading it ("tiny" or a local folder), else None."""
+    if model == "tiny":
+        return False
+    if Path(model).expanduser().is_dir():
+        from sega_jax.loading import is_xl_folder
+
+        return is_xl_folder(Path(model).expanduser())
+    return None
+
+
 def _check_early(settings: dict, out: str | None) -> None:
-    """Cheap checks before the model loads: the scheduler name and the output pattern."""
+    """Cheap checks before the model loads: the scheduler name, SDXL-only settings, the output pattern."""
     if settings["scheduler"]:
         from sega_jax.schedulers import scheduler_from_name
         from sega_jax.tiny import SD_DDIM
@@ -216,6 +267,9 @@ def _check_early(settings: dict, out: str | None) -> None:
         if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
             raise CLIError(f"--model {model}: no such diffusers pipeline folder (nor a hub id like "
                            "'owner/name'); use --model tiny for the offline random-weight model")
+    xl = model_is_xl(model)
+    if xl is not None:
+        check_family(settings, xl)
     output_paths(out, 0, range(settings["n"]))
 
 
@@ -224,8 +278,26 @@ def _write_images(pipe, settings: dict, images: list, out: str | None, only: int
     paths = output_paths(out, settings["seed"], indices)
     for i, path in zip(indices, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        images[i].save(path, pnginfo=png_info(settings, pipe.scheduler.config, i))
+        images[i].save(path, pnginfo=png_info(settings, pipe.scheduler.config, i, type(pipe).__name__))
     return paths
+
+
+def default_guidance(pipe) -> float:
+    """The pipeline's own `guidance_scale` default (diffusers': SD 7.5, SDXL 5.0)."""
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+
+def run_pipeline(pipe, settings: dict, args: argparse.Namespace):
+    """Check the settings against the loaded family, fill the pipeline's own guidance default (unless a
+    flag or the PNG gave one) and run it: the same `prepare` + `run` for every family."""
+    check_family(settings, type(pipe).__name__ == XL_PIPELINE)
+    if "guidance" not in vars(args) and not getattr(args, "from_png", None):
+        settings["guidance"] = default_guidance(pipe)
+    from sega_jax.lora import load_loras
+
+    load_loras(pipe, [parse_lora(spec) for spec in settings.get("lora") or []])
+    job = pipe.prepare(**prepare_kwargs(settings))
+    return pipe.run(job, run_safety_checker=settings["safety_checker"])
 
 
 def _compare(source: str, image) -> str:
@@ -250,7 +322,7 @@ def generate(args: argparse.Namespace) -> int:
         settings["model"] = str(Path(settings["model"]).expanduser().resolve())
     start = time.perf_counter()
     pipe = load_pipeline(settings, getattr(args, "progress", False))
-    result = pipe(**call_kwargs(settings))
+    result = run_pipeline(pipe, settings, args)
     settings["seed"] = result.seed
     settings["height"], settings["width"] = result.images[0].height, result.images[0].width
     written = _write_images(pipe, settings, result.images, out, index)

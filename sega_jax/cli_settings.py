@@ -9,6 +9,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 MODEL_ENV = "SEGA_JAX_MODEL"
@@ -32,9 +33,22 @@ DEFAULTS: dict[str, Any] = dict(
     momentum_scale=0.1,
     mom_beta=0.4,
     safety_checker=True,
+    lora=[],  # "FILE[@SCALE]" each: LoRA weights loaded and set at SCALE (default 1)
+    # SDXL only (None: not given; refused on an SD model).
+    prompt_2=None,
+    negative_prompt_2=None,
+    guidance_rescale=None,
+    original_size=None,
+    crops_coords_top_left=None,
+    target_size=None,
 )
 # What a PNG's settings may set (the rest are about this run: output, cache, progress).
 SETTING_KEYS = tuple(DEFAULTS)
+# The SDXL-only settings and their flags.
+XL_FLAGS = {"prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2",
+            "guidance_rescale": "--guidance-rescale", "original_size": "--original-size",
+            "crops_coords_top_left": "--crops-coords-top-left", "target_size": "--target-size"}
+XL_PIPELINE = "SemanticStableDiffusionXLPipeline"
 
 class CLIError(ValueError):
     """A bad flag or value: reported as one line, exit status 2."""
@@ -125,8 +139,9 @@ def _edit_option(key: str, value: str | None, spec: str) -> tuple[str, Any]:
     raise CLIError(f"--edit {spec!r}: unknown option {key!r} (options: {keys})")
 
 
-def parse_edit(spec: str) -> Edit:
-    """`"TEXT@scale=5,threshold=0.975,warmup=10,cooldown=40,weight=1,reverse"` -> Edit."""
+def parse_edit(spec: str, **defaults: Any) -> Edit:
+    """`"TEXT@scale=5,threshold=0.975,warmup=10,cooldown=40,weight=1,reverse"` -> Edit; options not in the
+    spec take `defaults`, else diffusers' SEGA defaults (Edit's)."""
     text, _, options = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if not text.strip():
         raise CLIError(f"--edit {spec!r}: the concept text is empty")
@@ -137,7 +152,7 @@ def parse_edit(spec: str) -> Edit:
         if key in values:
             raise CLIError(f"--edit {spec!r}: option {key!r} given twice")
         values[key] = parsed
-    return Edit(text.strip(), **values)
+    return Edit(text.strip(), **{**defaults, **values})
 
 
 # -- settings ----------------------------------------------------------------------------------------------
@@ -180,6 +195,25 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, int | None]:
     return settings, index
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """"FILE[@SCALE]" -> (FILE, SCALE); a FILE containing '@' ends with '@' (as --edit's TEXT)."""
+    path, at, scale = spec.rpartition("@")
+    if not at:
+        return spec, 1.0
+    if not scale:
+        return path, 1.0
+    return path, parse_finite(scale, f"--lora {spec}: SCALE")
+
+
+def lora_setting(text: str, what: str) -> str:
+    """A --lora flag as the settings keep it: the absolute FILE@SCALE (a PNG's settings find it again)."""
+    path, scale = parse_lora(text)
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CLIError(f"{what} {path}: no such file")
+    return f"{file.resolve()}@{scale!r}"
+
+
 def edit_kwargs(edits: Sequence[Edit]) -> dict:
     """diffusers' per-concept arguments for the edits."""
     if not edits:
@@ -196,8 +230,18 @@ def edit_kwargs(edits: Sequence[Edit]) -> dict:
     )
 
 
-def call_kwargs(settings: dict) -> dict:
-    """The pipeline call (diffusers' argument names) for CLI settings."""
+def check_family(settings: dict, xl: bool) -> None:
+    """SDXL-only settings (`XL_FLAGS`) are an error on an SD 1.x/2.x model."""
+    given = [flag for key, flag in XL_FLAGS.items() if settings.get(key) is not None]
+    if given and not xl:
+        raise CLIError(f"{', '.join(given)}: SDXL-only, but --model {settings['model']} is an SD 1.x/2.x "
+                       "model (SemanticStableDiffusionPipeline)")
+
+
+def prepare_kwargs(settings: dict) -> dict:
+    """`pipe.prepare`'s arguments (diffusers' names) for CLI settings; SDXL's only when given."""
+    xl = {key: tuple(v) if isinstance(v, list) else v for key in XL_FLAGS
+          if (v := settings.get(key)) is not None}
     return dict(
         prompt=settings["prompt"],
         negative_prompt=settings["negative_prompt"],
@@ -210,9 +254,16 @@ def call_kwargs(settings: dict) -> dict:
         seed=settings["seed"],
         edit_momentum_scale=settings["momentum_scale"],
         edit_mom_beta=settings["mom_beta"],
-        run_safety_checker=settings["safety_checker"],
+        **xl,
         **edit_kwargs([parse_edit(spec) for spec in settings["edit"]]),
     )
+
+
+def call_kwargs(settings: dict, xl: bool = False) -> dict:
+    """The pipeline call (diffusers' argument names) for CLI settings; an SDXL pipeline (`xl`) has no
+    safety checker to switch off."""
+    kwargs = prepare_kwargs(settings)
+    return kwargs if xl else {**kwargs, "run_safety_checker": settings["safety_checker"]}
 
 
 # -- PNG metadata ------------------------------------------------------------------------------------------
@@ -232,6 +283,17 @@ def sampler_name(config: dict) -> str:
     return base + karras
 
 
+_XL_NAMES = {"prompt_2": "Prompt 2", "negative_prompt_2": "Negative prompt 2",
+             "guidance_rescale": "CFG rescale", "original_size": "Original size",
+             "crops_coords_top_left": "Crop top left", "target_size": "Target size"}
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_num(v) if isinstance(v, float) else str(v) for v in value)
+    return _num(value) if isinstance(value, float) else str(value)
+
+
 def _field(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if any(c in text for c in ',:\n"') else text
@@ -247,8 +309,12 @@ def parameters_text(settings: dict, sampler: str, index: int) -> str:
         "Seed": settings["seed"], "Size": f"{settings['width']}x{settings['height']}",
         "Model": settings["model"], "Eta": _num(settings["eta"]), "Dtype": settings["dtype"],
     }
+    pairs.update({_XL_NAMES[key]: _text_value(settings[key]) for key in XL_FLAGS
+                  if settings.get(key) is not None})
     if settings["n"] > 1:
         pairs.update({"Batch size": settings["n"], "Batch pos": index})
+    if settings.get("lora"):
+        pairs["LoRA"] = " | ".join(settings["lora"])
     if settings["edit"]:
         pairs["SEGA"] = " | ".join(settings["edit"])
         pairs["SEGA momentum"] = _num(settings["momentum_scale"])
@@ -260,8 +326,9 @@ def parameters_text(settings: dict, sampler: str, index: int) -> str:
     return "\n".join(lines)
 
 
-def png_info(settings: dict, scheduler_config: dict, index: int):
-    """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce)."""
+def png_info(settings: dict, scheduler_config: dict, index: int, pipeline: str | None = None):
+    """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce); `pipeline`
+    is the pipeline class's name."""
     from PIL.PngImagePlugin import PngInfo
 
     from sega_jax import __version__
@@ -269,6 +336,8 @@ def png_info(settings: dict, scheduler_config: dict, index: int):
     info = PngInfo()
     info.add_text("parameters", parameters_text(settings, sampler_name(scheduler_config), index))
     data = {"format": FORMAT, "version": __version__, "settings": settings, "index": index,
-            "scheduler_config": scheduler_config, "call": call_kwargs(settings)}
+            "scheduler_config": scheduler_config, "call": call_kwargs(settings, pipeline == XL_PIPELINE)}
+    if pipeline:
+        data["pipeline"] = pipeline
     info.add_text(METADATA_KEY, json.dumps(data, default=str))
     return info

@@ -32,6 +32,7 @@ class EditParams(NamedTuple):
     reverse_editing_direction: Array
     edit_momentum_scale: Array
     edit_mom_beta: Array
+    guidance_rescale: Array
 
     @classmethod
     def create(
@@ -47,6 +48,7 @@ class EditParams(NamedTuple):
         reverse_editing_direction=False,
         edit_momentum_scale=0.1,
         edit_mom_beta=0.4,
+        guidance_rescale=0.0,
     ) -> EditParams:
         """Broadcast scalars to per-concept arrays (diffusers' defaults). Lists must already be validated."""
         per_concept = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (num_concepts,))
@@ -61,6 +63,7 @@ class EditParams(NamedTuple):
             reverse_editing_direction=per_concept(reverse_editing_direction, jnp.bool_),
             edit_momentum_scale=jnp.asarray(edit_momentum_scale, jnp.float32),
             edit_mom_beta=jnp.asarray(edit_mom_beta, jnp.float32),
+            guidance_rescale=jnp.asarray(guidance_rescale, jnp.float32),
         )
 
 
@@ -77,15 +80,15 @@ def spatial_quantile(x: Array, q: Array) -> Array:
     rank = jnp.broadcast_to(rank, (*lead, c))
     below = jnp.floor(rank)
     weight = rank - below
-    ranks = jnp.stack([below, jnp.ceil(rank)]).astype(jnp.int32)
-    lo, hi = order_statistic(jnp.stack([rows, rows]), ranks)
+    lo, hi = order_statistic(rows, jnp.stack([below, jnp.ceil(rank)]).astype(jnp.int32))
     diff = hi - lo
     return jnp.where(weight < 0.5, _fma(weight, diff, lo), _fma(-diff, 1 - weight, hi))
 
 
 def order_statistic(rows: Array, rank: Array) -> Array:
     """The `rank`-th smallest (0-based) fp32 value of each row of `rows` (..., n), as `jnp.sort` would
-    place it: `jnp.take_along_axis(jnp.sort(rows), rank[..., None], -1)[..., 0]`.
+    place it: `jnp.take_along_axis(jnp.sort(rows), rank[..., None], -1)[..., 0]`. `rank` may carry extra
+    leading axes (several ranks per row), broadcast against the rows.
 
     A bisection over the 2**32 fp32 bit patterns, mapped to int32 keys that order like the floats (negative
     patterns flipped): 32 rounds, each counting the keys at or below a midpoint. Exact; no traced-size
@@ -170,7 +173,8 @@ def sega_step(
     noise_guidance = params.guidance_scale * (text - uncond)
     replayed = lambda g: g if replay is None else g + replay.astype(jnp.float32)
     if noise_edits.shape[0] == 0:
-        return uncond + replayed(noise_guidance), momentum, jnp.zeros_like(uncond)
+        pred = uncond + replayed(noise_guidance)
+        return rescale_noise_cfg(pred, text, params.guidance_rescale), momentum, jnp.zeros_like(uncond)
     guidance, weights, warm = concept_guidance(uncond, noise_edits.astype(jnp.float32), step, params)
     positive = jnp.maximum(weights, 0.0)
     combine = lambda w: jnp.einsum("k,kbhwc->bhwc", w, guidance)
@@ -188,4 +192,19 @@ def sega_step(
     num_warm = warm.sum()
     num_concepts = noise_edits.shape[0]
     applied = jnp.where(num_warm == num_concepts, edit, jnp.where(num_warm > 0, partial, 0.0))
-    return uncond + replayed(noise_guidance + applied), new_momentum, applied
+    pred = uncond + replayed(noise_guidance + applied)
+    return rescale_noise_cfg(pred, text, params.guidance_rescale), new_momentum, applied
+
+
+def rescale_noise_cfg(noise_cfg: Array, noise_text: Array, guidance_rescale: Array) -> Array:
+    """diffusers' `rescale_noise_cfg` (Lin et al. 2023, sec. 3.4): blend the guided prediction with itself
+    rescaled to the text estimate's per-image std (unbiased, over H, W, C). A rescale of 0 is the identity.
+    """
+    def std(x):
+        mean = x.mean(axis=(-3, -2, -1), keepdims=True)
+        n = x.shape[-3] * x.shape[-2] * x.shape[-1]
+        return jnp.sqrt(jnp.square(x - mean).sum(axis=(-3, -2, -1), keepdims=True) / (n - 1))
+
+    rescaled = noise_cfg * (std(noise_text) / std(noise_cfg))
+    blended = guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+    return jnp.where(guidance_rescale > 0, blended, noise_cfg)

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from sega_jax import pipeline_inputs as inputs
 from sega_jax import xla_options
 from sega_jax.guidance import EditParams
-from sega_jax.pipeline import DenoiseJob
+from sega_jax.pipeline import DenoiseJob, denoiser
 from sega_jax.sampler import SampleOutput, sega_sample
 
 MODES = ("jit", "pmap")
@@ -100,7 +100,7 @@ def select_images(job: DenoiseJob, indices: Sequence[int] | np.ndarray) -> Denoi
     params = per_image_params(job.params, batch_size(job))
     return job._replace(
         noise=job.noise[index],
-        context=job.context[:, index],
+        context=jax.tree.map(lambda c: c[:, index], job.context),
         params=jax.tree.map(lambda x: x[index], params),
         image_keys=job.image_keys[index],
         replay=None if job.replay is None else job.replay[:, index],
@@ -169,6 +169,7 @@ class _Static(NamedTuple):
     num_concepts: int
     do_cfg: bool
     record: bool
+    upcast: bool = False  # decode in fp32 (diffusers' `force_upcast`, as `pipe.finish` does)
 
     @property
     def out_axes(self) -> tuple:
@@ -188,7 +189,7 @@ def _unbatch(x: jax.Array, axis: int) -> jax.Array:
 def _body(static: _Static, counter: str):
     def run(unet_state, vae_state, schedule, noise, context, params, keys, eta, replay):
         TRACE_COUNT[counter] += 1
-        unet = nnx.merge(static.unet, unet_state)
+        unet = denoiser(nnx.merge(static.unet, unet_state))
 
         def one(noise_i, context_i, params_i, key_i, replay_i):
             return sega_sample(
@@ -196,7 +197,7 @@ def _body(static: _Static, counter: str):
                 static.scheduler,
                 schedule,
                 noise_i[None],
-                context_i[:, None],
+                jax.tree.map(lambda c: c[:, None], context_i),
                 params_i,
                 num_concepts=static.num_concepts,
                 do_cfg=static.do_cfg,
@@ -211,11 +212,22 @@ def _body(static: _Static, counter: str):
         out = jax.tree.map(_unbatch, out, _sample_axes(static.record))
         if static.vae is None:
             return out, None
+        latents = out.latents
+        if static.upcast:
+            vae_state = jax.tree.map(lambda p: p.astype(jnp.float32), vae_state)
+            latents = latents.astype(jnp.float32)
         vae = nnx.merge(static.vae, vae_state)
-        images = vae.decode(out.latents / static.scaling_factor).astype(jnp.float32)
+        images = vae.decode(latents / static.scaling_factor).astype(jnp.float32)
         return out, jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
     return run
+
+
+def upcasts_decode(pipe) -> bool:
+    """Whether the pipeline decodes in fp32: its family honours the VAE's `force_upcast` (SDXL, as in
+    diffusers) and the VAE weights are fp16."""
+    vae = pipe.vae
+    return bool(pipe.honours_force_upcast and vae.config.force_upcast and vae.dtype == jnp.float16)
 
 
 def _spec(axis):
@@ -276,9 +288,9 @@ def _place(args: tuple, mode: str, devices: tuple) -> tuple:
             for arg, axis in zip(args, _IN_AXES.values(), strict=True)
         )
     mesh = Mesh(np.asarray(devices), (AXIS,))
+    put = lambda arg, axis: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, _spec(axis))), arg)
     return tuple(
-        arg if axis is None else jax.device_put(arg, NamedSharding(mesh, _spec(axis)))
-        for arg, axis in zip(args, _IN_AXES.values(), strict=True)
+        arg if axis is None else put(arg, axis) for arg, axis in zip(args, _IN_AXES.values(), strict=True)
     )
 
 
@@ -319,6 +331,7 @@ def run(
         num_concepts=job.num_concepts,
         do_cfg=job.do_cfg,
         record=job.record,
+        upcast=decode and upcasts_decode(pipe),
     )
     vae_state = replicated(pipe, devices, "vae") if decode else None
     args = (

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from sega_jax import lora, xla_options
 from sega_jax import pipeline_inputs as inputs
-from sega_jax import xla_options
 from sega_jax.cache import enable_compilation_cache
 from sega_jax.guidance import EditParams
 from sega_jax.loading import load_components
@@ -67,6 +67,8 @@ class DenoiseJob(NamedTuple):
     do_cfg: bool
     record: bool
     seed: int | None
+    scheduler: Any = None  # None: the pipeline's; an inversion's DDIM scheduler otherwise
+    step_uncond: jax.Array | None = None  # (steps, B, L, D) null-text inversion's uncond embeddings
 
     @property
     def steps(self) -> int:
@@ -98,11 +100,11 @@ def _denoise(
     record,
     host,
     emit_latents,
+    step_uncond=None,
 ):
     TRACE_COUNT["denoise"] += 1
-    unet = nnx.merge(graph, state)
     return sega_sample(
-        unet,
+        denoiser(nnx.merge(graph, state)),
         scheduler,
         schedule,
         noise,
@@ -117,7 +119,14 @@ def _denoise(
         on_step=_host_step if host else None,
         emit_latents=emit_latents,
         shared_latents=True,
+        step_uncond=step_uncond,
     )
+
+
+def denoiser(unet):
+    """The sampler's `eps(latents, t, context)` for a UNet: a dict context carries the UNet's keyword
+    conditioning beside the hidden states (SDXL: {"context", "text_embeds", "time_ids"})."""
+    return lambda x, t, c: unet(x, t, **c) if isinstance(c, dict) else unet(x, t, c)
 
 
 @xla_options.jit(static_argnames=("graph",))
@@ -125,14 +134,20 @@ def _encode_text(graph, state, ids):
     return nnx.merge(graph, state)(ids)
 
 
-@xla_options.jit(static_argnames=("graph",))
-def _decode(graph, state, latents, scaling_factor):
+@xla_options.jit(static_argnames=("graph", "upcast"))
+def _decode(graph, state, latents, scaling_factor, upcast=False):
+    if upcast:  # diffusers' `force_upcast`: fp16 VAE weights decode in fp32
+        state = jax.tree.map(lambda p: p.astype(jnp.float32), state)
+        latents = latents.astype(jnp.float32)
     image = nnx.merge(graph, state).decode(latents / scaling_factor)
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 class SemanticStableDiffusionPipeline:
     """Stable Diffusion with semantic guidance; `__call__` takes diffusers' arguments (see the README)."""
+
+    # diffusers' SD pipelines decode fp16 latents with the fp16 VAE; its SDXL ones honour `force_upcast`.
+    honours_force_upcast = False
 
     def __init__(
         self,
@@ -228,6 +243,7 @@ class SemanticStableDiffusionPipeline:
         prng_key=None,
         return_estimates: bool = False,
         run_safety_checker: bool = True,
+        inversion=None,
     ):
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be callable as callback(step, timestep, latents)")
@@ -259,7 +275,13 @@ class SemanticStableDiffusionPipeline:
             seed=seed,
             prng_key=prng_key,
             return_estimates=return_estimates,
+            **({} if inversion is None else {"inversion": inversion}),
         )
+        return self.run(job, callback, callback_steps, output_type, return_dict, run_safety_checker)
+
+    def run(self, job: DenoiseJob, callback=None, callback_steps: int = 1, output_type: str = "pil",
+            return_dict: bool = True, run_safety_checker: bool = True):
+        """Denoise a prepared job (with the progress bar and `callback`) and finish it, as `__call__`."""
         hook = self._hook(job.steps, callback, callback_steps, job.schedule)
         _HOST_HOOKS.append(hook)
         try:
@@ -301,13 +323,22 @@ class SemanticStableDiffusionPipeline:
         prng_key=None,
         return_estimates=False,
         image_indices=None,
+        inversion=None,
+        **conditioning,
     ) -> DenoiseJob:
         """Validate the arguments and do all host-side work (tokenize, encode, draw noise) for one call.
 
         `image_indices` (one int per image) choose which per-seed noise each image gets; by default
-        0..B-1, so image j of a call is the same image whatever else is in the batch.
+        0..B-1, so image j of a call is the same image whatever else is in the batch. `conditioning`: a
+        pipeline family's own text-conditioning arguments, handed to its `_context`.
         """
         inputs.check_generator(generator)
+        inputs.check_finite(
+            eta=eta, guidance_scale=guidance_scale, edit_guidance_scale=edit_guidance_scale,
+            edit_threshold=edit_threshold, edit_momentum_scale=edit_momentum_scale,
+            edit_mom_beta=edit_mom_beta, edit_weights=edit_weights, latents=latents,
+            sem_guidance=sem_guidance, editing_prompt_embeddings=editing_prompt_embeddings,
+        )  # before any text encoding or compilation
         prompts = inputs.prompt_list(prompt)
         per_prompt = inputs.check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)
@@ -315,8 +346,9 @@ class SemanticStableDiffusionPipeline:
         batch = len(prompts) * per_prompt
         guidance_scale = inputs._number(guidance_scale, "guidance_scale")
         do_cfg = guidance_scale > 1.0
-        concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt)
-        num_concepts = 0 if concepts is None else concepts.shape[0]
+        concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt,
+                                  **conditioning)
+        num_concepts = 0 if concepts is None else jax.tree.leaves(concepts)[0].shape[0]
         settings = inputs.edit_settings(
             num_concepts,
             edit_guidance_scale=edit_guidance_scale,
@@ -341,29 +373,49 @@ class SemanticStableDiffusionPipeline:
         )
         schedule = self.scheduler.set_timesteps(steps)
         loop_steps = int(schedule.timesteps.shape[0])
+        if num_concepts:
+            names = inputs.concept_names(editing_prompt, num_concepts)
+            inputs.warn_ineffective_concepts(settings, loop_steps, names, stacklevel=3)
         replay = self._replay(sem_guidance, loop_steps, steps, (batch, 4, h, w)) if do_cfg else None
-        context = self._context(prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts)
-        noise, keys, seed = self._noise(latents, seed, prng_key, batch, h, w, image_indices)
+        context = self._context(prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts,
+                                size=(h * self.vae_scale_factor, w * self.vae_scale_factor), **conditioning)
+        noise, keys, seed = self._noise(None if inversion else latents, seed, prng_key, batch, h, w,
+                                        image_indices)
+        scheduler = step_uncond = None
+        if inversion is not None:  # sega_jax.null_text: start latents, DDIM, per-step uncond embeddings
+            from sega_jax.null_text import job_inputs
+
+            noise, scheduler, schedule, step_uncond = job_inputs(inversion, steps, batch, do_cfg, latents)
         return DenoiseJob(
             noise=noise,
             context=context,
             params=params,
             image_keys=keys,
-            eta=jnp.float32(eta),
+            eta=jnp.float32(inputs._number(eta, "eta")),
             replay=replay,
             schedule=schedule,
             num_concepts=num_concepts,
             do_cfg=do_cfg,
             record=bool(return_estimates) and do_cfg,
             seed=seed,
+            scheduler=scheduler,
+            step_uncond=step_uncond,
         )
+
+    def invert(self, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 7.5,
+               method: str = "null-text", **kwargs):
+        """DDIM or null-text inversion of photo(s) (PIL, or float arrays in [0, 1]) -> `null_text.Inversion`,
+        for `pipe(prompt, ..., inversion=inv)`; `kwargs`: `null_text.invert`'s optimisation settings."""
+        from sega_jax.null_text import invert
+
+        return invert(self, image, prompt, num_inference_steps, guidance_scale, method, **kwargs)
 
     def denoise(self, job: DenoiseJob, *, host: bool = False, emit_latents: bool = False) -> SampleOutput:
         """Run the compiled SEGA loop for a prepared job (latents in NHWC)."""
         return _denoise(
             self._unet[0],
             self._unet[1],
-            self.scheduler,
+            job.scheduler or self.scheduler,
             job.schedule,
             job.noise,
             job.context,
@@ -376,7 +428,52 @@ class SemanticStableDiffusionPipeline:
             record=job.record,
             host=host,
             emit_latents=emit_latents,
+            step_uncond=job.step_uncond,
         )
+
+    # -- LoRA (sega_jax.lora): adapters are merged into the weights on the host whenever they change ------
+
+    def load_lora_weights(self, path_or_dict, adapter_name: str | None = None, weight_name: str | None = None,
+                          *, allow_pickle: bool = False) -> None:
+        """diffusers' LoRA files (diffusers/peft or kohya keys) for the UNet and text encoder(s)."""
+        state = lora.load(self._lora_state, path_or_dict, self._lora_models(), name=adapter_name,
+                          weight_name=weight_name, allow_pickle=allow_pickle,
+                          layers_per_block=self.unet.config.layers_per_block[0])
+        self._set_lora(state)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
+        """Use only these adapters, at these weights (a float or one per adapter; default 1.0)."""
+        self._set_lora(lora.activate(self._lora_state, adapter_names, adapter_weights))
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self._lora_state.active) + list(self._lora_state.fused)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        self._set_lora(lora.fuse(self._lora_state, lora_scale, adapter_names))
+
+    def unfuse_lora(self) -> None:
+        self._set_lora(lora.unfuse(self._lora_state))
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the original weights come back, except what `fuse_lora` merged."""
+        state = self._lora_state
+        self._set_lora(lora.LoraState(adapters=state.adapters, fused=state.fused, originals=state.originals))
+        self._lora = lora.LoraState()
+
+    @property
+    def _lora_state(self) -> lora.LoraState:
+        return getattr(self, "_lora", None) or lora.LoraState()
+
+    def _lora_models(self) -> dict:
+        models = {name: getattr(self, name, None) for name in lora.COMPONENTS}
+        return {name: model for name, model in models.items() if model is not None}
+
+    def _set_lora(self, state: lora.LoraState) -> None:
+        lora.apply(state, self._lora_models(), previous=self._lora_state)
+        self._lora = state
+        self._unet, self._text = nnx.split(self.unet), nnx.split(self.text_encoder)
+        if getattr(self, "text_encoder_2", None) is not None:
+            self._text_2 = nnx.split(self.text_encoder_2)
 
     # -- the steps of __call__ -------------------------------------------------------------------------
 
@@ -410,7 +507,7 @@ class SemanticStableDiffusionPipeline:
             return None
         return encoded
 
-    def _context(self, prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts) -> jax.Array:
+    def _context(self, prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts, size) -> jax.Array:
         """(copies, B, L, D): [uncond, text, concept 0, ...], each for every image.
 
         Each concept is paired with every image, like the reference's tokenised path. (Deviation: the
@@ -502,12 +599,13 @@ class SemanticStableDiffusionPipeline:
         if output_type == "latent":
             images = to_nchw(latents)
         else:
-            images = np.asarray(_decode(self._vae[0], self._vae[1], latents, self.vae.config.scaling_factor))
+            upcast = (self.honours_force_upcast and self.vae.config.force_upcast
+                      and self.vae.dtype == jnp.float16)
+            images = np.asarray(_decode(self._vae[0], self._vae[1], latents, self.vae.config.scaling_factor,
+                                        upcast=upcast))
         if not np.isfinite(np.asarray(images)).all():
-            raise FloatingPointError(
-                "the generated images contain NaN/inf values. With float16 weights this "
-                "is usually the VAE overflowing: load with dtype='bfloat16' or 'float32'."
-            )
+            dtypes = {leaf.dtype for leaf in jax.tree.leaves((self._unet[1], self._vae[1]))}
+            raise inputs.non_finite_output(bool(np.isfinite(np.asarray(latents)).all()), dtypes)
         nsfw = None
         if output_type != "latent":
             images, nsfw = self.check_safety(images, run_safety_checker)

@@ -252,6 +252,44 @@ def test_from_png_reproduces_the_pixels(generated):
         Image.open(source).text[cli.METADATA_KEY])["settings"]
 
 
+def test_from_png_with_a_seed_override_makes_the_same_edit_on_other_noise(generated):
+    """The README's `--from-png out.png --seed 1`: the file's settings with seed 1, i.e. the image that the
+    same command line with `--seed 1` makes, which differs from the file's."""
+    cache = {"SEGA_JAX_CACHE_DIR": str(generated["cache"]), cli.MODEL_ENV: ""}
+    source = generated["root"] / "out" / "5-1.png"
+    target = generated["root"] / "seed1.png"
+    proc = run_cli("generate", "--from-png", str(source), "--seed", "1", "--out", str(target), env=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"differs from {source}" in proc.stdout
+    settings = json.loads(Image.open(target).text[cli.METADATA_KEY])["settings"]
+    assert settings == {**json.loads(Image.open(source).text[cli.METADATA_KEY])["settings"], "seed": 1}
+    direct = generated["root"] / "direct" / "{seed}-{index}.png"
+    proc = run_cli("generate", "--prompt", PROMPT, "--negative-prompt", "blurry", "--edit", EDITS[0],
+                   "--edit", EDITS[1], "--steps", "3", "--n", "2", "--seed", "1", "--out", str(direct),
+                   env=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = np.asarray(Image.open(generated["root"] / "direct" / "1-1.png"))
+    assert np.array_equal(np.asarray(Image.open(target)), expected)
+    assert not np.array_equal(np.asarray(Image.open(source)), expected)
+
+
+def test_non_square_generate_with_progress_bar(tmp_path):
+    proc = run_cli("generate", "--prompt", PROMPT, "--edit", EDITS[0], "--steps", "2", "--height", "32",
+                   "--width", "48", "--seed", "0", "--progress", "--out", str(tmp_path),
+                   env={"SEGA_JAX_CACHE_DIR": "off", cli.MODEL_ENV: ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (png,) = tmp_path.glob("*.png")
+    image = Image.open(png)
+    assert image.size == (48, 32)  # (width, height)
+    assert "Size: 48x32" in image.text["parameters"]
+    assert "image(s) 48x32" in proc.stdout
+    assert "2/2 [" in proc.stderr  # the per-step bar reached the last step
+
+
+def test_no_progress_bar_by_default(generated):
+    assert "/3 [" not in generated["proc"].stderr and "it/s" not in generated["proc"].stderr
+
+
 def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     for argv, status in ((["generate", "--prompt", "x", "--model", str(tmp_path / "empty")], 1),

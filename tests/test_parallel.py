@@ -19,7 +19,8 @@ import pytest
 
 from sega_jax import parallel
 from sega_jax.guidance import EditParams
-from tests.tiny_pipeline import save_reference
+from tests.helpers import reserved_port
+from tests.parity_store import reference_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +107,15 @@ TWO_HOSTS = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-sd-parallel")
-    save_reference(folder)
-    return folder
+    # The tiny reference model, built with torch where it is installed and read from CI's store of
+    # references where it is not, so the Python 3.12 leg (newest jax) tests pmap and sharded jit too.
+    def build(folder: Path) -> dict:
+        from sega_jax.reference import save_reference
+
+        save_reference(folder)
+        return {}
+
+    return reference_case("parallel-model", build)[0]
 
 
 def run_with_devices(code: str, *args: str, devices: int = 8) -> dict:
@@ -147,36 +154,36 @@ def test_pmap_and_sharded_jit_match_single_device_and_sweeps_compile_once(model_
     assert report["settings differ"] > 1e-4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_each_process_generates_its_share_with_jax_distributed(model_folder):
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    address = f"localhost:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TWO_HOSTS, str(model_folder), address, str(i)],
-            cwd=ROOT,
-            env={**env, "JAX_PLATFORMS": "cpu"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
     results = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-4000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    with reserved_port() as port:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", TWO_HOSTS, str(model_folder), f"localhost:{port}", str(i)],
+                cwd=ROOT,
+                env={**env, "JAX_PLATFORMS": "cpu"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-4000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
     assert [r["share"] for r in results] == [[0, 1], [2]]
     union = np.concatenate([np.asarray(r["images"]) for r in results])
     reference = np.asarray(results[0]["reference"])
     assert union.shape == reference.shape == (3, 16, 16, 3)
     assert np.abs(union - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
+def test_reserved_port_is_kept_from_other_programs():
+    with reserved_port() as port:
+        with socket.socket() as other, pytest.raises(OSError):  # as another program binding it would
+            other.bind(("localhost", port))
 
 
 def test_process_share_splits_a_batch_without_overlap():

@@ -65,21 +65,35 @@ BAD = [
 ]
 
 
+GOOD = dict(
+    prompt="a face",
+    num_inference_steps=3,
+    height=16,
+    width=16,
+    editing_prompt=CONCEPTS,
+    output_type="latent",
+)
+
+
 @pytest.mark.parametrize("bad,error,match", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
 def test_bad_input_names_the_argument(pipe, bad, error, match):
-    kwargs = dict(
-        prompt="a face",
-        num_inference_steps=3,
-        height=16,
-        width=16,
-        editing_prompt=CONCEPTS,
-        output_type="latent",
-    )
+    kwargs = dict(GOOD)
     kwargs.update(bad)
     before = TRACE_COUNT["denoise"]
     with pytest.raises(error, match=match):
         pipe(**kwargs)
     assert TRACE_COUNT["denoise"] == before  # rejected before any compilation
+
+
+def test_trace_counter_counts_the_compilation_a_good_call_needs(pipe):
+    """The positive control for "rejected before any compilation": the same counter goes up by exactly one
+    for a good call in a shape no other test compiles (56x8 pixels, 2 steps), and not again for it."""
+    fresh = dict(GOOD, height=56, width=8, num_inference_steps=2)
+    before = TRACE_COUNT["denoise"]
+    pipe(seed=0, **fresh)
+    assert TRACE_COUNT["denoise"] == before + 1
+    pipe(seed=1, **fresh)
+    assert TRACE_COUNT["denoise"] == before + 1
 
 
 def test_hub_id_offline_error_says_how_to_pass_a_local_folder(monkeypatch):

@@ -22,6 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 ea_module = pytest.importorskip("diffusers.schedulers.scheduling_euler_ancestral_discrete")
 
 from sega_jax.schedulers import (  # noqa: E402
+    SCHEDULER_ALIASES,
     SCHEDULERS,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -75,16 +76,42 @@ def _rel(ours: jax.Array, ref: torch.Tensor) -> float:
     return float(np.abs(_nchw(ours) - r).max() / np.abs(r).max())
 
 
+class _CorrectlyRoundedSqrt:
+    """Within the block, torch's float32 `tensor ** 0.5` is IEEE sqrt (numpy's).
+
+    torch 2.13's CPU sqrt is not correctly rounded: on this AVX-512 machine 17% of random float32 inputs
+    come out 1 ulp off IEEE (whatever ATEN_CPU_CAPABILITY says), 190 of SD's 1000 training sigmas among
+    them. Near t = 0 the Karras schedules' sigma -> t interpolation (over log-sigma steps of ~0.03)
+    turns that ulp into ~2e-6 of a timestep. diffusers' schedule computes its training sigmas as
+    `((1 - a) / a) ** 0.5`; with this, the reference is that formula evaluated exactly, as ours is.
+    """
+
+    def __enter__(self):
+        self.original = torch.Tensor.__pow__
+
+        def power(tensor, exponent):
+            if exponent == 0.5 and tensor.dtype == torch.float32:
+                return torch.from_numpy(np.atleast_1d(np.sqrt(tensor.detach().numpy()))).reshape(tensor.shape)
+            return self.original(tensor, exponent)
+
+        torch.Tensor.__pow__ = power
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.__pow__ = self.original
+
+
 def _check_schedule(name: str, config: dict, n: int):
     """Both schedulers set up for n steps, with identical timesteps, sigmas and init_noise_sigma.
 
-    Integer timesteps must be equal; float ones and sigmas may differ by an ulp or two, because torch's CPU
-    sqrt/log are not correctly rounded (torch.sqrt is 1 ulp off IEEE for ~0.7% of float32 inputs).
+    Integer timesteps must be equal; float ones and sigmas may differ by an ulp or two (torch's CPU log
+    is not correctly rounded either); the reference's training sigmas use IEEE sqrt, see above.
     """
     ours = SCHEDULERS[name].from_config(config)
     ref = getattr(diffusers, name).from_config(config)
     schedule = ours.set_timesteps(n)
-    ref.set_timesteps(n)
+    with _CorrectlyRoundedSqrt():
+        ref.set_timesteps(n)
     ref_t, our_t = ref.timesteps.numpy(), np.asarray(schedule.timesteps)
     assert our_t.shape == ref_t.shape
     assert np.issubdtype(our_t.dtype, np.integer) == np.issubdtype(ref_t.dtype, np.integer)
@@ -144,18 +171,34 @@ def test_ddim(pred, n, spacing, variant):
     run_trajectory("DDIMScheduler", config, n, eta=eta)
 
 
-@pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction"), (1, 4, 7, 25), SPACINGS))
-@pytest.mark.parametrize("skip_prk", [True, False])
+# The Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps: fewer are a separate test below.
+PNDM_CASES = [
+    (pred, n, spacing, skip_prk)
+    for skip_prk in (True, False)
+    for pred, n, spacing in _cases(("epsilon", "v_prediction"), (1, 4, 7, 25), SPACINGS)
+    if skip_prk or n >= 4
+]
+
+
+@pytest.mark.parametrize("pred,n,spacing,skip_prk", PNDM_CASES)
 def test_pndm(pred, n, spacing, skip_prk):
-    if not skip_prk and n < 4:
-        with pytest.raises(ValueError, match="skip_prk_steps"):
-            PNDMScheduler(skip_prk_steps=False).set_timesteps(n)
-        return
     config = {**SD_CONFIG, "prediction_type": pred, "timestep_spacing": spacing, "skip_prk_steps": skip_prk}
     config["set_alpha_to_one"] = spacing == "linspace"
     run_trajectory("PNDMScheduler", config, n)
     expected = (n + 1 if n > 1 else 1) if skip_prk else n + 9  # PLMS repeats one timestep
     assert len(PNDMScheduler.from_config(config).set_timesteps(n).timesteps) == expected
+
+
+@pytest.mark.parametrize("n,spacing", _cases((1, 2, 3), SPACINGS))
+def test_pndm_runge_kutta_warmup_with_fewer_than_four_steps_is_a_clear_error(n, spacing):
+    """diffusers' PNDM crashes there (a numpy broadcasting error); ours names the setting and the minimum."""
+    config = {**SD_CONFIG, "timestep_spacing": spacing, "skip_prk_steps": False}
+    with pytest.raises(ValueError, match=r"skip_prk_steps=False needs num_inference_steps >= 4"):
+        PNDMScheduler.from_config(config).set_timesteps(n)
+    with pytest.raises(ValueError, match="broadcast"):
+        diffusers.PNDMScheduler.from_config(config).set_timesteps(n)
+    four = PNDMScheduler.from_config(config).set_timesteps(4)
+    assert len(four.timesteps) == 4 + 9  # 4 steps are enough (n + 9 timesteps, as in test_pndm)
 
 
 @pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
@@ -457,8 +500,28 @@ def test_scheduler_from_name(name, cls, karras):
         assert sched.use_karras_sigmas is karras
     # As diffusers' XScheduler.from_config(pipe.scheduler.config): same config, same schedule.
     ref = getattr(diffusers, cls.__name__).from_config({**SD_CONFIG, **sched.config})
-    ref.set_timesteps(7)
+    with _CorrectlyRoundedSqrt():
+        ref.set_timesteps(7)
     np.testing.assert_array_equal(np.asarray(sched.set_timesteps(7).timesteps), ref.timesteps.numpy())
+
+
+@pytest.mark.parametrize("name", ["euler", "euler-a", "lms", "dpm++2m-karras", "DDIMScheduler", "pndm"])
+def test_swapping_a_loaded_sd15_scheduler_takes_the_new_classes_defaults_like_diffusers(name):
+    """`pipe.set_scheduler(name)` on SD 1.5's loaded scheduler, as diffusers'
+    `XScheduler.from_config(pipe.scheduler.config)`: keys SD 1.5's file does not give (timestep_spacing:
+    "leading" for PNDM/DDIM, "linspace" for the others) take the new class's defaults, not PNDM's."""
+    loaded = scheduler_from_config(SD_CONFIG)
+    swapped = scheduler_from_name(name, loaded.config)
+    _, overrides = dict(SCHEDULER_ALIASES).get(name, (None, {}))
+    ref_loaded = diffusers.PNDMScheduler.from_config(SD_CONFIG)
+    ref = getattr(diffusers, type(swapped).__name__).from_config(ref_loaded.config, **overrides)
+    assert swapped.timestep_spacing == ref.config.timestep_spacing
+    with _CorrectlyRoundedSqrt():
+        ref.set_timesteps(7)
+    np.testing.assert_array_equal(np.asarray(swapped.set_timesteps(7).timesteps), ref.timesteps.numpy())
+    # A key the file did give is kept whatever the new class's default.
+    explicit = scheduler_from_config({**SD_CONFIG, "timestep_spacing": "trailing"})
+    assert scheduler_from_name(name, explicit.config).timestep_spacing == "trailing"
 
 
 def test_scheduler_from_name_keeps_class_name_settings_and_rejects_unknown():

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from sega_jax import xla_options
+from tests.parity_store import reference_case
 
+ROOT = Path(__file__).resolve().parents[1]
 X86_CPU = jax.default_backend() == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -57,3 +64,92 @@ def test_jit_wrapper_matches_plain_jit_and_keeps_static_arguments():
     f(x, power=2)
     assert calls == [2]  # traced once, then served from the compiled program
     assert f.__name__ == "f"
+
+
+# The library's own programs, compiled by a pipeline call (with a safety checker) and a sharded
+# `parallel.generate`, next to a convolution jitted by "other code" in the same process; XLA dumps each
+# program's compile options (`.debug_options`) and optimised HLO.
+PROGRAMS_SCRIPT = '''
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sega_jax import parallel
+from sega_jax.models import safety_checker as sc
+from sega_jax.tiny import tiny_pipeline
+
+pipe = tiny_pipeline()
+pipe.set_progress_bar_config(disable=True)
+kw = dict(num_inference_steps=2, height=16, width=16, editing_prompt=["glasses"], edit_warmup_steps=0,
+          output_type="np", seed=0)
+pipe("a face", **kw)
+parallel.generate(pipe, "a face", mode="jit", run_safety_checker=False, **kw)
+sc.check_images(sc.load_safety_checker(sys.argv[1]), np.zeros((1, 32, 32, 3), np.float32))
+
+
+def others_conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+jax.jit(others_conv)(jnp.ones((2, 32, 32, 32)), jnp.ones((3, 3, 32, 32)))
+'''
+OURS = {"_denoise": "SEGA loop", "_decode": "VAE decode", "_encode_text": "text encoder",
+        "_check": "safety checker", "run": "parallel.generate (sharded jit)"}
+
+
+def _ynn_convolutions(hlo: str) -> tuple[int, int]:
+    """(convolutions, convolutions inside a YNNPACK fusion) in an optimised HLO module's text."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0]
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+    ynn = {m.group(1) for m in re.finditer(r"calls=(%[\w.\-]+)[^\n]*\"__ynn_fusion\"", hlo)}
+    count = lambda names: sum("convolution(" in line for n in names for line in bodies[n])
+    return count(bodies), count(ynn & bodies.keys())
+
+
+def _checker_folder() -> Path:
+    """A random safety checker (built with torch, or read from CI's parity store on the torch-free leg)."""
+    def build(folder: Path) -> dict:
+        from tests.test_safety_checker import _random_checker
+
+        _random_checker().save_pretrained(folder)
+        return {}
+
+    return reference_case("xla-options-checker", build)[0]
+
+
+@pytest.mark.skipif(not X86_CPU, reason="the option is only chosen on x86-64 CPU backends")
+def test_our_jitted_programs_carry_the_options_and_other_code_does_not(tmp_path):
+    dump = tmp_path / "dump"
+    names = "|".join([*OURS, "others_conv"])
+    env = {k: v for k, v in os.environ.items() if k != xla_options.ENV_VAR}
+    env.update(JAX_PLATFORMS="cpu", SEGA_JAX_CACHE_DIR="off", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_module_re=^jit_({names})$")
+    result = subprocess.run([sys.executable, "-c", PROGRAMS_SCRIPT, str(_checker_folder())], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def program(name: str) -> tuple[str, str]:
+        found = sorted(dump.glob(f"module_*.jit_{name}.debug_options"))
+        assert found, f"no compiled program jit_{name} was dumped"
+        hlo = found[0].with_name(found[0].name.replace(".debug_options", ".cpu_after_optimizations.txt"))
+        return found[0].read_text(), hlo.read_text()
+
+    wanted = sorted(f"xla_cpu_experimental_ynn_fusion_type: {v}" for v in xla_options.CPU_OPTIONS[
+        "xla_cpu_experimental_ynn_fusion_type"].split(","))
+    for name, what in OURS.items():
+        options, hlo = program(name)
+        assert sorted(line for line in options.splitlines() if "ynn_fusion_type" in line) == wanted, what
+        convolutions, in_ynn = _ynn_convolutions(hlo)
+        assert in_ynn == 0, f"{what}: {in_ynn} of {convolutions} convolutions left to YNNPACK"
+        if name in ("_denoise", "_decode", "run"):
+            assert convolutions > 0, what
+    options, hlo = program("others_conv")
+    assert "ynn_fusion_type" not in options
+    assert _ynn_convolutions(hlo) == (1, 1)  # XLA's default here: its convolution goes to YNNPACK

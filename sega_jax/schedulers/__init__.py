@@ -121,7 +121,8 @@ def scheduler_from_name(name_or_class_name: str, base_config: Mapping[str, Any] 
         return by_lower[key].from_config(config)
     if key in SCHEDULER_ALIASES:
         cls, overrides = SCHEDULER_ALIASES[key]
-        return cls.from_config({**config, **overrides})
+        defaults = [k for k in config.get("_use_default_values") or () if k not in overrides]
+        return cls.from_config({**config, **overrides, "_use_default_values": defaults})
     raise ValueError(
         f"unknown scheduler {name_or_class_name!r}; use one of {sorted(SCHEDULER_ALIASES)} "
         f"or a class name {sorted(SCHEDULERS)}"

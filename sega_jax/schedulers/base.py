@@ -95,8 +95,9 @@ class SchedulerBase:
         own = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown = []
+        defaults = set(config.get("_use_default_values") or ())  # keys the original config did not give
         for key, value in config.items():
-            if key.startswith("_"):
+            if key.startswith("_") or key in defaults:
                 continue
             if key in own:
                 if value is None and isinstance(cls.__dataclass_fields__[key].default, bool):
@@ -112,7 +113,12 @@ class SchedulerBase:
             )
         if isinstance(kwargs.get("trained_betas"), (list, np.ndarray)):
             kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
-        return cls(**kwargs)
+        scheduler = cls(**kwargs)
+        # As diffusers: remember which keys took this class's defaults, so that a swap onto another class
+        # (`scheduler_from_name`) takes that class's defaults for them (SD 1.5's config has no
+        # timestep_spacing: DDIM/PNDM default to "leading", LMS/Euler/DPM-Solver to "linspace").
+        object.__setattr__(scheduler, "_use_default_values", tuple(sorted(own - kwargs.keys())))
+        return scheduler
 
     @property
     def config(self) -> dict[str, Any]:
@@ -120,6 +126,8 @@ class SchedulerBase:
         cfg = {"_class_name": type(self).__name__, **dataclasses.asdict(self)}
         if cfg["trained_betas"] is not None:
             cfg["trained_betas"] = list(cfg["trained_betas"])
+        if getattr(self, "_use_default_values", None):
+            cfg["_use_default_values"] = list(self._use_default_values)
         return cfg
 
     # ---- host-side schedule helpers -------------------------------------------------------------------

@@ -167,13 +167,14 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 def random_caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption of the scene with attributes dropped at random, so that short concepts ("blue", "a
-    star") mean something on their own; empty for 10% (classifier-free guidance's unconditional)."""
+    star") mean something on their own (a colour alone for 12%: SEGA's colour edits are those concepts);
+    empty for 10% (classifier-free guidance's unconditional)."""
     u = rng.uniform()
     if u < 0.10:
         return ""
-    if u < 0.16:
+    if u < 0.22:
         return scene.colour
-    if u < 0.20:
+    if u < 0.28:
         return scene.shape
     keep = rng.uniform(size=5) < (0.9, 0.9, 0.6, 0.6, 0.6)
     return caption(scene.shape if keep[0] else None, scene.colour if keep[1] else None,

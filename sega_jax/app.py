@@ -45,13 +45,9 @@ from sega_jax.cli_settings import DEFAULTS, MODEL_ENV, Edit, edit_kwargs, png_in
 
 def default_model() -> str:
     """$SEGA_JAX_MODEL, else 'demo' when the trained demo model ships in this installation, else 'tiny'."""
-    if os.environ.get(MODEL_ENV):
-        return os.environ[MODEL_ENV]
-    try:
-        from sega_jax.demo import demo_folder
-    except ImportError:
-        return "tiny"
-    return "demo" if (demo_folder() / "model_index.json").is_file() else "tiny"
+    from sega_jax.demo import default_model as shipped_default
+
+    return os.environ.get(MODEL_ENV) or shipped_default()
 
 
 def require_gradio():

@@ -41,6 +41,7 @@ from sega_jax.cli_settings import (
     resolve_settings,
     sampler_name,
 )
+from sega_jax.demo import BUILTIN_MODELS, DEMO_NOTICE
 
 __all__ = ["DEFAULTS", "FORMAT", "METADATA_KEY", "MODEL_ENV", "NEVER", "SETTING_KEYS", "XL_FLAGS", "CLIError",
            "Edit", "build_parser", "call_kwargs", "check_family", "edit_kwargs", "main", "parameters_text",
@@ -71,7 +72,8 @@ is a comma-separated list of
 
 Every PNG carries its settings (an A1111-style `parameters` text and JSON under `sega_jax`):
 `sega-jax generate --from-png out/sega_21_0.png` reproduces it; other flags override the file's settings.
-The model is --model, else $SEGA_JAX_MODEL, else 'tiny' (random weights, no download). An SDXL folder
+The model is --model, else $SEGA_JAX_MODEL, else 'demo' (the small trained model shipped in the package,
+when this installation has it) or 'tiny' (random weights); neither needs a download. An SDXL folder
 (or hub id) runs SemanticStableDiffusionXLPipeline: its guidance default is 5.0 (SD: 7.5), and it takes the
 SDXL-only flags --prompt-2, --negative-prompt-2, --guidance-rescale, --original-size, --target-size and
 --crops-coords-top-left (an error on an SD model)."""
@@ -137,8 +139,9 @@ def _edit(text: str, what: str) -> str:
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """Every `generate` flag. Defaults are applied after parsing (see DEFAULTS), so a PNG can fill them."""
     add = p.add_argument
-    add("--model", help="a diffusers pipeline folder, a Hugging Face hub id (when online), or 'tiny' "
-                        f"(random weights; the default unless ${MODEL_ENV} is set)")
+    add("--model", help="a diffusers pipeline folder, a Hugging Face hub id (when online), 'demo' (the small "
+                        "trained model, shipped) or 'tiny' (random weights); default: "
+                        f"${MODEL_ENV}, else 'demo' when shipped, else 'tiny'")
     add("--prompt", help="what to draw")
     add("--negative-prompt", help="what to steer away from (diffusers' negative_prompt)")
     add("--edit", action="append", metavar="TEXT[@OPTIONS]", type=_arg(_edit, "--edit"),
@@ -235,15 +238,15 @@ def load_pipeline(settings: dict, progress: bool = False):
     """The model named by the settings, with their scheduler; a per-step progress bar if asked."""
     from sega_jax import tiny
 
-    if settings["model"] == "tiny":
-        print(tiny.TINY_NOTICE, flush=True)
+    if settings["model"] in BUILTIN_MODELS:
+        print(tiny.TINY_NOTICE if settings["model"] == "tiny" else DEMO_NOTICE, flush=True)
     return tiny.load_pipeline(settings["model"], dtype=settings["dtype"], scheduler=settings["scheduler"],
                               progress=progress)
 
 
 def model_is_xl(model: str) -> bool | None:
     """Whether the model is SDXL, known without loading it ("tiny" or a local folder), else None."""
-    if model == "tiny":
+    if model in BUILTIN_MODELS:
         return False
     if Path(model).expanduser().is_dir():
         from sega_jax.loading import is_xl_folder
@@ -263,10 +266,11 @@ def _check_early(settings: dict, out: str | None) -> None:
         except ValueError as err:
             raise CLIError(f"--scheduler: {err}") from None
     model = settings["model"]
-    if model != "tiny" and not Path(model).expanduser().is_dir():
+    if model not in BUILTIN_MODELS and not Path(model).expanduser().is_dir():
         if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
             raise CLIError(f"--model {model}: no such diffusers pipeline folder (nor a hub id like "
-                           "'owner/name'); use --model tiny for the offline random-weight model")
+                           "'owner/name'); offline models: --model demo (trained, shipped) or tiny "
+                           "(random weights)")
     xl = model_is_xl(model)
     if xl is not None:
         check_family(settings, xl)
@@ -318,7 +322,7 @@ def generate(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     _configure_cache(getattr(args, "no_cache", False))
     _check_early(settings, out)
-    if settings["model"] != "tiny" and Path(settings["model"]).expanduser().is_dir():
+    if settings["model"] not in BUILTIN_MODELS and Path(settings["model"]).expanduser().is_dir():
         settings["model"] = str(Path(settings["model"]).expanduser().resolve())
     start = time.perf_counter()
     pipe = load_pipeline(settings, getattr(args, "progress", False))

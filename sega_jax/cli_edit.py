@@ -31,6 +31,7 @@ from sega_jax.cli_settings import (
     parse_edit,
     parse_lora,
 )
+from sega_jax.demo import default_model
 
 # diffusers' LEditsPPPipelineStableDiffusion defaults (`invert` and `__call__`).
 LEDITS_EDIT_DEFAULTS = {"scale": 5.0, "threshold": 0.9, "warmup": 0}
@@ -40,7 +41,6 @@ MASK_MODES = {  # --mask-mode -> (use_cross_attn_mask, use_intersect_mask)
     "noise": (False, False),
 }
 SAMPLER_NAMES = {"dpm-sde": "DPM++ 2M SDE", "ddim": "DDIM"}
-DEFAULT_MODEL = "tiny"
 SCHEDULERS = {"dpm-sde": None, "ddim": "ddim"}  # None: the pipeline's DPM-Solver++ 2M SDE
 
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--image", required=True, help="the photo to edit (any image file PIL reads)")
     add("--model", help=f"a diffusers SD or SDXL pipeline folder, a hub id, 'demo' or 'tiny' (default: "
-                        f"${MODEL_ENV}, else '{DEFAULT_MODEL}')")
+                        f"${MODEL_ENV}, else 'demo' when shipped, else 'tiny')")
     add("--source-prompt", default="", help="what the photo shows (optional; guides the inversion)")
     add("--source-guidance", type=_arg(_finite, "--source-guidance"), default=3.5,
         help="source_guidance_scale of the inversion (default 3.5)")
@@ -245,7 +245,7 @@ def edit(args: argparse.Namespace) -> int:
     from sega_jax.cli import _configure_cache, _show_warning
 
     job = edit_job(args)
-    model = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    model = args.model or os.environ.get(MODEL_ENV) or default_model()
     settings = {key: getattr(args, key) for key in ("source_prompt", "source_guidance", "negative_prompt",
                                                     "steps", "skip", "mask_mode", "height", "width",
                                                     "scheduler", "dtype")}

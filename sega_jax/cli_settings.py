@@ -187,7 +187,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, int | None]:
         if "n" in given:
             index = None  # a new batch size: write the whole batch
     settings = {**DEFAULTS, **from_png, **given}
-    settings["model"] = settings["model"] or os.environ.get(MODEL_ENV) or "tiny"
+    if not settings["model"]:
+        from sega_jax.demo import default_model
+
+        settings["model"] = os.environ.get(MODEL_ENV) or default_model()
     if not settings["prompt"]:
         raise CLIError("--prompt is required (or --from-png FILE)")
     for spec in settings["edit"]:

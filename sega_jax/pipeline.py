@@ -471,7 +471,23 @@ class SemanticStableDiffusionPipeline:
     def _set_lora(self, state: lora.LoraState) -> None:
         lora.apply(state, self._lora_models(), previous=self._lora_state)
         self._lora = state
-        self._unet, self._text = nnx.split(self.unet), nnx.split(self.text_encoder)
+        self._unet = nnx.split(self.unet)
+        self._refresh_text_encoders()
+
+    # -- learned concepts (sega_jax.concepts): textual inversion tokens ---------------------------------
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, *, weight_name=None,
+                               allow_pickle: bool = False, tokenizer=None, text_encoder=None) -> list[str]:
+        """diffusers' textual inversion files (and A1111's): new tokens for prompts and SEGA concepts."""
+        from sega_jax.concepts import load_textual_inversion
+
+        return load_textual_inversion(self, pretrained_model_name_or_path, token, weight_name=weight_name,
+                                      allow_pickle=allow_pickle, tokenizer=tokenizer,
+                                      text_encoder=text_encoder)
+
+    def _refresh_text_encoders(self) -> None:
+        """Re-split the text encoders after their parameters changed (LoRA, new token rows)."""
+        self._text = nnx.split(self.text_encoder)
         if getattr(self, "text_encoder_2", None) is not None:
             self._text_2 = nnx.split(self.text_encoder_2)
 

@@ -53,7 +53,7 @@ def tokenize(tokenizer, texts: list[str] | str, *, truncation: bool = False) -> 
     rest) and log a warning with the removed text. truncation=True is its negative-prompt path
     (transformers' truncation, which keeps the end-of-text token).
     """
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = [expand_prompt(tokenizer, t) for t in ([texts] if isinstance(texts, str) else texts)]
     max_length = tokenizer.model_max_length
     if not texts:
         return np.zeros((0, max_length), np.int32)
@@ -63,6 +63,22 @@ def tokenize(tokenizer, texts: list[str] | str, *, truncation: bool = False) -> 
         logger.warning("The following part of your input was truncated because CLIP can only handle "
                        f"sequences up to {max_length} tokens: {removed}")
     return np.asarray([row[:max_length] for row in ids], dtype=np.int32)
+
+
+def expand_prompt(tokenizer, text: str) -> str:
+    """diffusers' `maybe_convert_prompt`: each added token `tok` with siblings `tok_1`, ... becomes
+    `tok tok_1 ...`, so a multi-vector concept is written as its one token."""
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    if not any(name.endswith("_1") for name in added):  # no multi-vector token: nothing to expand
+        return text
+    for token in set(tokenizer.tokenize(text)):
+        if token in added and f"{token}_1" in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            text = text.replace(token, replacement)
+    return text
 
 
 def clip_bpe_path() -> Path:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sega_jax import cli
 from sega_jax.cli import Edit, build_parser, main, output_paths, parse_edit
+from sega_jax.demo import default_model, demo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a woman"
@@ -84,7 +85,8 @@ def test_defaults_and_model_from_env(monkeypatch):
     monkeypatch.delenv(cli.MODEL_ENV, raising=False)
     settings, index = cli.resolve_settings(build_parser().parse_args(["generate", "--prompt", PROMPT]))
     assert index is None
-    assert settings == {**cli.DEFAULTS, "model": "tiny", "prompt": PROMPT}
+    assert settings == {**cli.DEFAULTS, "model": default_model(), "prompt": PROMPT}
+    assert default_model() == ("demo" if (demo_folder() / "model_index.json").is_file() else "tiny")
     assert (settings["steps"], settings["guidance"], settings["n"]) == (50, 7.5, 1)  # diffusers' defaults
     monkeypatch.setenv(cli.MODEL_ENV, "/models/sd15")
     settings, _ = cli.resolve_settings(build_parser().parse_args(["generate", "--prompt", PROMPT]))
@@ -200,14 +202,15 @@ def test_sweep_and_bench_dispatch(capsys):
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> dict:
-    """`sega-jax generate` on the default (tiny) model, in a Python where torch and diffusers are absent."""
+    """`sega-jax generate` on the tiny model ($SEGA_JAX_MODEL=tiny), in a Python where torch and diffusers
+    are absent."""
     root = tmp_path_factory.mktemp("cli")
     (root / "block").mkdir()
     (root / "block" / "sitecustomize.py").write_text(BLOCKER)
     cache = root / "xla-cache"
     env = {"PYTHONPATH": f"{root / 'block'}{os.pathsep}{ROOT}", "BLOCK_REPORT": str(root / "blocked.txt"),
            "SEGA_JAX_CACHE_DIR": str(cache)}
-    env = {**env, cli.MODEL_ENV: ""}
+    env = {**env, cli.MODEL_ENV: "tiny"}
     out = root / "out" / "{seed}-{index}.png"
     proc = run_cli("generate", "--prompt", PROMPT, "--negative-prompt", "blurry", "--edit", EDITS[0],
                    "--edit", EDITS[1], "--steps", "3", "--n", "2", "--seed", "5", "--out", str(out), env=env)
@@ -255,7 +258,7 @@ def test_from_png_reproduces_the_pixels(generated):
 def test_from_png_with_a_seed_override_makes_the_same_edit_on_other_noise(generated):
     """The README's `--from-png out.png --seed 1`: the file's settings with seed 1, i.e. the image that the
     same command line with `--seed 1` makes, which differs from the file's."""
-    cache = {"SEGA_JAX_CACHE_DIR": str(generated["cache"]), cli.MODEL_ENV: ""}
+    cache = {"SEGA_JAX_CACHE_DIR": str(generated["cache"]), cli.MODEL_ENV: "tiny"}
     source = generated["root"] / "out" / "5-1.png"
     target = generated["root"] / "seed1.png"
     proc = run_cli("generate", "--from-png", str(source), "--seed", "1", "--out", str(target), env=cache)
@@ -276,7 +279,7 @@ def test_from_png_with_a_seed_override_makes_the_same_edit_on_other_noise(genera
 def test_non_square_generate_with_progress_bar(tmp_path):
     proc = run_cli("generate", "--prompt", PROMPT, "--edit", EDITS[0], "--steps", "2", "--height", "32",
                    "--width", "48", "--seed", "0", "--progress", "--out", str(tmp_path),
-                   env={"SEGA_JAX_CACHE_DIR": "off", cli.MODEL_ENV: ""})
+                   env={"SEGA_JAX_CACHE_DIR": "off", cli.MODEL_ENV: "tiny"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (png,) = tmp_path.glob("*.png")
     image = Image.open(png)

@@ -34,7 +34,7 @@ from sega_jax.pipeline import SemanticStableDiffusionPipeline, _decode
 from sega_jax.pipelines.ledits_inputs import preprocess_images, user_mask_array
 from sega_jax.sampler import SampleOutput
 from sega_jax.schedulers import scheduler_from_config
-from sega_jax.tokenizer import tokenize
+from sega_jax.tokenizer import expand_prompt, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,9 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
             raise ValueError("pass either `editing_prompt` or `editing_prompt_embeds`, not both")
         if editing_prompt:
             texts = inputs.prompt_list(editing_prompt, "editing_prompt")
-            ids = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+            expanded = [expand_prompt(self.tokenizer, t) for t in texts]
+            ids = self.tokenizer(expanded, truncation=True,
+                                 max_length=self.tokenizer.model_max_length).input_ids
             return self._encode_prompts(texts, clip_skip), [len(row) - 2 for row in ids]
         if embeds is None:
             return None, []

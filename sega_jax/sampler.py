@@ -57,6 +57,7 @@ def sega_sample(
     emit_latents: bool = False,
     shared_latents: bool = False,
     step_uncond: Array | None = None,
+    remat: bool = False,
 ) -> SampleOutput:
     """Run the SEGA loop from unit-variance `noise` (B, H, W, C).
 
@@ -70,6 +71,9 @@ def sega_sample(
     copies' context (copies*B, L, D), and must answer for every copy, as `UNet2DConditionModel` does
     (computing what precedes its first cross-attention once); otherwise it gets the latents tiled.
     `step_uncond` (steps, B, L, D) replaces the unconditional copy at each step (null-text inversion).
+    `remat` rematerialises each step under `jax.grad`: the backward pass keeps only the per-step carry
+    (latents, momentum, scheduler state) and recomputes the UNet's activations, so memory grows by the
+    carry per step instead of by a whole UNet forward's activations.
     """
     copies = 2 + num_concepts if do_cfg else 1
     for leaf in jax.tree.leaves(context):
@@ -105,5 +109,6 @@ def sega_sample(
 
     xs = (jnp.arange(steps, dtype=jnp.int32), schedule.timesteps, replay, step_uncond)
     carry = (latents, jnp.zeros_like(latents), state)
-    (latents, _, _), (sem_guidance, estimates) = jax.lax.scan(body, carry, xs)
+    step = jax.checkpoint(body) if remat else body
+    (latents, _, _), (sem_guidance, estimates) = jax.lax.scan(step, carry, xs)
     return SampleOutput(latents, sem_guidance, estimates)

@@ -24,11 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from sega_jax import demo  # noqa: E402
 
-# The README's first command: sega-jax generate --prompt ... --edit ... --seed ... --steps ...
-FIGURE = {"prompt": "a large red circle on a white background", "edit": "blue", "scale": 6.0,
-          "threshold": 0.8, "warmup": 5, "seed": 3, "steps": 25}
-FIGURE_EDIT = (f"{FIGURE['edit']}@scale={FIGURE['scale']:g},threshold={FIGURE['threshold']:g},"
-               f"warmup={FIGURE['warmup']}")
+# The README's first command: sega-jax generate --prompt ... --edit "red@reverse,..." --edit "blue@..."
+# SEGA's attribute swap: away from the prompt's colour and toward the new one, two concepts at once (a
+# "blue" concept alone pushes this model's red shapes to yellow, a latent mixture of the two).
+FIGURE = {"prompt": "a large red circle on a white background", "edits": ["red", "blue"],
+          "reverse": [True, False], "scale": 8.0, "threshold": 0.8, "warmup": 2, "seed": 3, "steps": 25}
+FIGURE_EDITS = [f"{text}@{'reverse,' if reverse else ''}scale={FIGURE['scale']:g},"
+                f"threshold={FIGURE['threshold']:g},warmup={FIGURE['warmup']}"
+                for text, reverse in zip(FIGURE["edits"], FIGURE["reverse"], strict=True)]
+# The same edit as pipeline arguments.
+FIGURE_CALL = dict(editing_prompt=FIGURE["edits"], reverse_editing_direction=FIGURE["reverse"],
+                   edit_guidance_scale=FIGURE["scale"], edit_threshold=FIGURE["threshold"],
+                   edit_warmup_steps=FIGURE["warmup"])
 QUALITY_PROMPTS = [demo.caption(shape, colour, background, "large")
                    for shape, colour, background in (("circle", "red", "white"), ("square", "blue", "white"),
                                                      ("triangle", "green", "black"),
@@ -55,8 +62,7 @@ def figure_images(pipe) -> tuple[np.ndarray, np.ndarray]:
     common = dict(prompt=FIGURE["prompt"], num_inference_steps=FIGURE["steps"], seed=FIGURE["seed"],
                   output_type="np")
     plain = pipe(**common).images[0]
-    edit = pipe(**common, editing_prompt=[FIGURE["edit"]], edit_guidance_scale=FIGURE["scale"],
-                edit_threshold=FIGURE["threshold"], edit_warmup_steps=FIGURE["warmup"]).images[0]
+    edit = pipe(**common, **FIGURE_CALL).images[0]
     to8 = lambda x: np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
     return to8(plain), to8(edit)
 

@@ -14,11 +14,8 @@ Stable Diffusion's DDIM scheduler config, so `load_pipeline(folder)` (and diffus
    (classifier-free guidance), EMA weights written out. The text encoder trains only the token embeddings
    its captions use (a compact table); the other rows of the 49,408-token table keep their initial draw.
 
-Status (2026-12-02): no model ships yet. A run of `--vae-steps 400 --unet-steps 1000` (the defaults below
-are larger) took 3622 s on the shared 2-core VM under load 8-12 (VAE 923 s, mean |error| 8.6/255; UNet
-2572 s at ~2.5 s/step, final eps MSE 0.102, still falling) and was undertrained: prompted colours mostly
-right, shapes mostly drawn as circles, and a "blue" edit (scale 4-8) left the colour unchanged, so
-tests/test_demo_model.py's semantic tests would fail on it.
+The shipped model: `--vae-steps 1500 --unet-steps 6000` (2826 s on the idle 2-core VM, 2026-12-02; eps
+MSE 0.062); its figures are in BENCHMARKS.md section 9.
 
 Everything is drawn from `--seed` (numpy for the data and the initial weights, jax.random for the noise),
 so two runs on one machine write the same weights.

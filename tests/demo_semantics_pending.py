@@ -1,95 +1,40 @@
-"""PENDING (issue 18), not collected by pytest: rename to tests/test_demo_semantics.py once the trained
-demo model ships in sega_jax/assets/demo (the first training run was undertrained; BENCHMARKS.md).
-What SEGA edits do, measured on pixels of the shipped `demo` model (sega_jax/assets/demo, trained by
-scripts/train_demo.py on drawn shapes), with the pixel classifier of `sega_jax.demo`; the README's figures;
-the generation quality (the prompted colour and shape in >= 80% of 50 seeds per prompt); and the training
-script's reproducibility. No torch: this runs in both CI legs.
+# ruff: noqa: F811
+"""PENDING (issue 18), not collected by pytest: what the shipped demo model (trained 2026-12-02, 1500 VAE +
+6000 UNet steps) does not do yet, each with what it measured. Move a test into tests/test_demo_semantics.py
+when a retrained model passes it.
 
-The base is `PROMPT` on `N_SEEDS` seeds in one batch; every edit reuses one compiled program (one concept,
-`STEPS` steps), since edit settings are traced inputs.
+- reverse (+red -blue on a red circle): distance to blue plain 248, reverse 248 (already as far as red gets).
+- threshold: pixels changed at 0.5 / 0.8 / 0.95: 4072 / 3858 / 4988 (not monotonic on 8x8 latents).
+- LEDITS++ on a drawn red square: blue, but drawn as a circle (shape IoU 0.26; layout not kept).
+- quality: "a large yellow star on a gray background" 66% of 50 seeds (colour 100%, shape 66%); the other
+  seven prompts 94-100%.
 """
 
-from __future__ import annotations
-
-import time
-import warnings
-from pathlib import Path
-
-import numpy as np
-import pytest
-from PIL import Image
-
-from scripts import demo_figures
-from sega_jax import LEditsPPPipelineStableDiffusion, demo
-from sega_jax.pipeline_inputs import IneffectiveEditWarning
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a large red circle on a white background"
-N_SEEDS, SEED, STEPS = 8, 100, demo_figures.STEPS
-EDIT = dict(edit_guidance_scale=6.0, edit_threshold=0.8, edit_warmup_steps=5)
-RED, BLUE = (np.asarray(demo.COLOURS[c], np.float32) for c in ("red", "blue"))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return demo_figures.load()
-
-
-def run(pipe, **kwargs):
-    return pipe(prompt=PROMPT, num_images_per_prompt=N_SEEDS, num_inference_steps=STEPS, seed=SEED,
-                output_type="np", **kwargs)
-
-
-def generate(pipe, **kwargs) -> np.ndarray:
-    """uint8 (N_SEEDS, 32, 32, 3) of PROMPT, with one edit concept if given."""
-    return to_uint8(run(pipe, **kwargs).images)
-
-
-def to_uint8(images) -> np.ndarray:
-    return np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def plain(pipe) -> np.ndarray:
-    # guidance scale 0: the one-concept program with the edit switched off (the plain image, exactly)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IneffectiveEditWarning)
-        return generate(pipe, editing_prompt=["blue"], edit_guidance_scale=0.0)
-
-
-@pytest.fixture(scope="module")
-def masks(plain) -> np.ndarray:
-    return np.stack([demo.shape_mask(image) for image in plain])
-
-
-def shape_distance(images: np.ndarray, masks: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """Per image: the mean RGB distance to `rgb` over the plain image's shape pixels."""
-    d = np.linalg.norm(images.astype(np.float32) - rgb, axis=-1)
-    return np.array([d[i][masks[i]].mean() for i in range(len(images))])
-
-
-def changed_pixels(a: np.ndarray, b: np.ndarray) -> int:
-    return int((np.abs(a.astype(np.int32) - b.astype(np.int32)).max(-1) > 40).sum())
-
-
-def test_plain_images_are_the_prompt(plain):
-    found = [demo.classify(image) for image in plain]
-    assert sum(f["colour"] == "red" and f["shape"] == "circle" for f in found) >= N_SEEDS - 1, found
-    assert all(f["background"] == "white" for f in found), found
-
-
-def test_colour_edit_moves_the_shape_toward_the_colour(pipe, plain, masks):
-    edited = generate(pipe, editing_prompt=["blue"], **EDIT)
-    before, after = shape_distance(plain, masks, BLUE), shape_distance(edited, masks, BLUE)
-    print(f"distance of the shape to blue: {before.mean():.0f} -> {after.mean():.0f}")
-    assert (after < before - 60).all(), (before, after)
-    colours = [demo.classify(image)["colour"] for image in edited]
-    assert colours.count("blue") >= N_SEEDS - 1, colours
+from tests.test_demo_semantics import (  # noqa: F401, F811
+    BACK,
+    BLUE,
+    EDIT,
+    N_SEEDS,
+    STEPS,
+    SWAP,
+    LEditsPPPipelineStableDiffusion,
+    changed_pixels,
+    demo,
+    demo_figures,
+    generate,
+    masks,
+    np,
+    pipe,
+    plain,
+    shape_distance,
+    time,
+    to_uint8,
+)
 
 
 def test_reverse_moves_the_colour_away(pipe, plain, masks):
-    toward = generate(pipe, editing_prompt=["blue"], **EDIT)
-    away = generate(pipe, editing_prompt=["blue"], reverse_editing_direction=True, **EDIT)
+    toward = generate(pipe, **EDIT)
+    away = generate(pipe, **BACK)
     base, near, far = (shape_distance(x, masks, BLUE) for x in (plain, toward, away))
     print(f"distance of the shape to blue: plain {base.mean():.0f}, toward {near.mean():.0f}, "
           f"reverse {far.mean():.0f}")
@@ -97,48 +42,11 @@ def test_reverse_moves_the_colour_away(pipe, plain, masks):
     assert far.mean() > base.mean() + 5, (base, far)  # and further than the plain image
     assert all(demo.classify(image)["colour"] != "blue" for image in away)
 
-
-def test_background_changes_much_less_than_the_shape(pipe, plain, masks):
-    edited = generate(pipe, editing_prompt=["blue"], **EDIT)
-    change = np.abs(edited.astype(np.float32) - plain.astype(np.float32)).mean(-1)
-    # background: away from the shape in both images (2 px margin for the softened edge)
-    moved = masks | np.stack([demo.shape_mask(image) for image in edited])
-    grown = moved.copy()
-    for axis in (1, 2):
-        for shift in (-2, -1, 1, 2):
-            grown |= np.roll(moved, shift, axis=axis)
-    shape_change, background_change = change[masks].mean(), change[~grown].mean()
-    ratio = shape_change / max(background_change, 1e-3)
-    print(f"mean |change| per pixel: shape {shape_change:.1f}, background {background_change:.2f} "
-          f"(ratio {ratio:.0f})")
-    assert ratio > 10, (shape_change, background_change)
-
-
 def test_higher_threshold_changes_fewer_pixels(pipe, plain):
-    counts = {t: changed_pixels(generate(pipe, editing_prompt=["blue"], **{**EDIT, "edit_threshold": t}),
+    counts = {t: changed_pixels(generate(pipe, **{**EDIT, "edit_threshold": t}),
                                 plain) for t in (0.5, 0.8, 0.95)}
     print("pixels changed by the edit, per threshold:", counts)
     assert counts[0.5] > counts[0.8] > counts[0.95], counts
-
-
-def test_warmup_delays_and_cooldown_stops_the_edit(pipe, plain, masks):
-    window = {**EDIT, "edit_warmup_steps": 12, "edit_cooldown_steps": 18}
-    # without momentum the per-step guidance is exactly zero outside [warmup, cooldown)
-    out = run(pipe, editing_prompt=["blue"], **window, edit_momentum_scale=0.0)
-    g = np.abs(np.asarray(out.sem_guidance)).reshape(len(out.sem_guidance), -1).max(-1)
-    print("max |sem_guidance| per step, no momentum:", np.round(g, 3).tolist())
-    assert (g[:12] == 0).all() and (g[12:18] > 0).all() and (g[18:] == 0).all(), g
-    # with momentum (default 0.1) only the momentum's decaying remainder is applied after cooldown
-    out = run(pipe, editing_prompt=["blue"], **window)
-    g = np.abs(np.asarray(out.sem_guidance)).reshape(len(out.sem_guidance), -1).max(-1)
-    print("max |sem_guidance| per step, momentum 0.1:", np.round(g, 3).tolist())
-    assert (g[:12] == 0).all() and (np.diff(g[18:]) < 0).all() and g[18] < 0.5 * g[12:18].max(), g
-    # the delayed, shortened edit changes the colour less than the full one
-    full = shape_distance(generate(pipe, editing_prompt=["blue"], **EDIT), masks, BLUE)
-    late = shape_distance(to_uint8(out.images), masks, BLUE)
-    print(f"distance of the shape to blue: full edit {full.mean():.0f}, steps 12-18 {late.mean():.0f}")
-    assert late.mean() > full.mean() + 20, (full, late)
-
 
 def test_ledits_changes_a_drawn_shape_colour_and_keeps_the_layout():
     editor = LEditsPPPipelineStableDiffusion.from_pretrained(demo.demo_folder())
@@ -147,7 +55,7 @@ def test_ledits_changes_a_drawn_shape_colour_and_keeps_the_layout():
     image = demo.draw(scene).astype(np.float32)[None] / 255.0
     editor.invert(image, source_prompt=scene.caption(), num_inversion_steps=STEPS, skip=0.1, seed=0)
     # no intersect mask: that needs cross-attention at 1/4 of the latent size, which this 2-level UNet lacks
-    out = editor(editing_prompt=["blue"], edit_guidance_scale=8.0, edit_threshold=0.8, output_type="np",
+    out = editor(**SWAP, edit_guidance_scale=8.0, edit_threshold=0.8, output_type="np",
                  use_intersect_mask=False)
     edited = to_uint8(out.images)[0]
     before, after = demo.classify(demo.draw(scene)), demo.classify(edited)
@@ -158,18 +66,6 @@ def test_ledits_changes_a_drawn_shape_colour_and_keeps_the_layout():
     assert after["colour"] == "blue" and after["background"] == "white", after
     assert iou > 0.7, iou
 
-
-def test_readme_figures_are_what_the_script_writes(tmp_path, pipe):
-    found = demo_figures.write_figures(tmp_path, pipe=pipe)
-    assert found["plain"]["colour"] == "red" and found["plain"]["shape"] == "circle", found
-    assert found["edit"]["colour"] == "blue" and found["edit"]["shape"] == "circle", found
-    for name in ("demo_plain.png", "demo_edit.png"):
-        ours = np.asarray(Image.open(tmp_path / name), np.int32)
-        shipped = np.asarray(Image.open(ROOT / "docs" / name), np.int32)
-        # a few levels of float noise between jax versions, never a different picture
-        assert ours.shape == shipped.shape and np.abs(ours - shipped).max() <= 8, name
-
-
 def test_generation_quality_80_percent_of_50_seeds(pipe):
     start = time.perf_counter()
     results = demo_figures.quality(pipe, 50)
@@ -177,3 +73,4 @@ def test_generation_quality_80_percent_of_50_seeds(pipe):
     for prompt, r in results.items():
         print(f"  {prompt:45s} colour {r['colour']:.0%}  shape {r['shape']:.0%}  both {r['both']:.0%}")
     assert all(r["both"] >= 0.8 for r in results.values()), results
+

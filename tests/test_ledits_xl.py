@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 from sega_jax import LEditsPPPipelineStableDiffusionXL  # noqa: E402
 from sega_jax.pipelines import ledits  # noqa: E402
 from sega_jax.reference import save_reference_xl  # noqa: E402
-from tests.test_ledits import TOL, OwnLengthTokenizer, photo, rel  # noqa: E402
+from tests.test_ledits import MARGIN, TOL, OwnLengthTokenizer, photo, quantile_margin, rel  # noqa: E402  # noqa: E402
 
 # Five steps of a five-step schedule: the first timestep (801) is above 800, where the SD reference would
 # not intersect the masks and the SDXL one does.
@@ -103,7 +103,9 @@ def test_inversion_with_source_and_negative_prompt_matches_diffusers(case):
         pipe.inversion = case["inversion"]
 
 
-EDITS = dict(editing_prompt=["a cat", "glasses"], edit_guidance_scale=[5.0, 3.0], edit_threshold=[0.9, 0.7],
+# [0.9, 0.7] put mask elements 3.9e-6 (noise mask) and 1.6e-6 (intersect) from their quantiles: coin tosses
+# between libraries on some CPUs; with 0.75 every case keeps >= 1.7e-5 (measured 2026-12-02)
+EDITS = dict(editing_prompt=["a cat", "glasses"], edit_guidance_scale=[5.0, 3.0], edit_threshold=[0.9, 0.75],
              reverse_editing_direction=[False, True])
 
 
@@ -115,7 +117,10 @@ EDITS = dict(editing_prompt=["a cat", "glasses"], edit_guidance_scale=[5.0, 3.0]
     dict(editing_prompt="a dog", edit_threshold=0.8, denoising_end=0.5),
 ], ids=["noise-mask", "negative-warmup-crop", "cross-attn-cooldown", "intersect", "one-concept-end"])
 def test_edit_matches_diffusers(case, settings):
-    theirs = case["ref"](output_type="latent", **settings).images.numpy()
+    with quantile_margin() as margin:  # a case too close to a mask's quantile compares nothing (test_ledits)
+        theirs = case["ref"](output_type="latent", **settings).images.numpy()
+    print(f"closest element to a mask quantile: {margin[0]:.1e} relative")
+    assert margin[0] > MARGIN, f"ill-conditioned case: an element {margin[0]:.1e} from a mask's quantile"
     ours = case["pipe"](output_type="latent", **settings).images
     print(f"edit parity: {rel(ours, theirs):.2e}")
     assert rel(ours, theirs) < TOL

@@ -1,6 +1,7 @@
 """The demo model's groundwork (issue 18): the pixel classifier of `sega_jax.demo` reads drawn scenes, and
-scripts/train_demo.py is reproducible from its seed. No torch: this runs in both CI legs. The semantic
-tests on the trained model wait in tests/demo_semantics_pending.py (not collected) until it ships.
+scripts/train_demo.py is reproducible from its seed. No torch: this runs in both CI legs. What the shipped
+model's edits do: tests/test_demo_semantics.py (and, not collected, tests/demo_semantics_pending.py: what it
+does not do yet).
 """
 
 from __future__ import annotations

@@ -23,25 +23,25 @@ run at any time, anywhere, on any device count; every run skips what any part re
 another N (or none) does whatever is still missing.
 
 The output is a local folder or an fsspec URL (gs://, s3://, memory://, ...): see `sega_jax.sweep_store`.
-`sega-jax sweep status OUT` and `sega-jax sweep sheets OUT`: `sega_jax.sweep_status`.
+`sega-jax sweep status OUT` and `sega-jax sweep sheets OUT`: `sega_jax.sweep_status`. LoRAs (`lora`, and a
+setting's `lora_scale`) and each PNG's `generate --from-png` metadata: `sega_jax.sweep_spec`, `sweep_png`.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
+import itertools
 import json
 import sys
 import time
 import warnings
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from sega_jax import sweep_status
-from sega_jax.pipeline_inputs import IneffectiveEditWarning, warn_ineffective_settings
+from sega_jax import sweep_png, sweep_status
+from sega_jax.pipeline_inputs import warn_ineffective_settings
 from sega_jax.sweep_files import (
     prepare_output,
     read_manifest,
@@ -49,6 +49,7 @@ from sega_jax.sweep_files import (
     union,
     write_contact_sheets,
 )
+from sega_jax.sweep_jobs import Jobs, spec_loras
 from sega_jax.sweep_spec import (
     Item,
     SpecError,
@@ -56,6 +57,7 @@ from sega_jax.sweep_spec import (
     groups,
     items,
     load_spec,
+    lora_class,
     read_spec_file,
 )
 from sega_jax.sweep_store import SHARD_ENV, ManifestWriter, Store, Worker, shard_from
@@ -82,91 +84,8 @@ def load_pipeline(spec: SweepSpec):
     return load_named(spec.model, dtype=spec.dtype, scheduler=spec.scheduler)
 
 
-class _Jobs:
-    """Per-item arrays: prepared once per (prompt, seed) with the pipeline's own validation and noise."""
-
-    def __init__(self, pipe, spec: SweepSpec):
-        from sega_jax.guidance import EditParams
-
-        self.pipe, self.spec, self.cache = pipe, spec, {}
-        concepts = len(spec.editing_prompt)
-        self.params = [EditParams.create(concepts, **checked) for checked in spec.checked]
-
-    def job(self, prompt: int, seed: int):
-        key = (prompt, seed)
-        if key not in self.cache:
-            if len(self.cache) > 64:
-                self.cache.clear()
-            spec = self.spec
-            with warnings.catch_warnings():  # the spec's own settings were checked once, up front
-                warnings.simplefilter("ignore", IneffectiveEditWarning)
-                self.cache[key] = self.pipe.prepare(
-                    spec.prompts[prompt],
-                    negative_prompt=spec.negative_prompt,
-                    height=spec.height,
-                    width=spec.width,
-                    num_inference_steps=spec.num_inference_steps,
-                    guidance_scale=spec.checked[0]["guidance_scale"],
-                    num_images_per_prompt=spec.images_per_seed,
-                    eta=spec.eta,
-                    editing_prompt=spec.editing_prompt or None,
-                    seed=seed,
-                )
-        return self.cache[key]
-
-    def chunk(self, chunk_items: Sequence[Item]):
-        """One DenoiseJob whose image j is chunk_items[j], each with its own edit setting."""
-        import jax
-        import jax.numpy as jnp
-
-        pairs = [(self.job(item.prompt, item.seed), item.image) for item in chunk_items]
-        images = [image for _, image in pairs]
-        stack = lambda axis: lambda *xs: jnp.stack(
-            [jnp.take(x, i, axis=axis) for x, i in zip(xs, images, strict=True)], axis=axis
-        )
-        pick = lambda field, axis: jax.tree.map(stack(axis), *[getattr(job, field) for job, _ in pairs])
-        keys = jnp.stack([job.image_keys[image] for job, image in pairs])
-        params = jax.tree.map(lambda *xs: jnp.stack(xs), *[self.params[item.setting] for item in chunk_items])
-        return pairs[0][0]._replace(
-            noise=pick("noise", 0), context=pick("context", 1), image_keys=keys, params=params, replay=None
-        )
-
-
 def _padded(group: list[Item], size: int) -> list[Item]:
     return group + [group[-1]] * (size - len(group))
-
-
-def _record(spec: SweepSpec, item: Item, image: Any, digest: str, nsfw: bool | None) -> dict:
-    return dict(
-        file=item.file,
-        sha256=digest,
-        prompt_index=item.prompt,
-        prompt=spec.prompts[item.prompt],
-        negative_prompt=spec.negative_prompt,
-        seed=item.seed,
-        image_index=item.image,
-        setting_index=item.setting,
-        setting=spec.settings[item.setting],
-        editing_prompt=spec.editing_prompt,
-        **spec.checked[item.setting],
-        num_inference_steps=spec.num_inference_steps,
-        height=image.shape[0],
-        width=image.shape[1],
-        eta=spec.eta,
-        scheduler=spec.scheduler,
-        model=spec.model,
-        dtype=spec.dtype,
-        nsfw=nsfw,
-        batch_per_device=spec.batch_per_device,  # the work-group size: which images were computed together
-    )
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _decode_chunk(pipe, spec: SweepSpec, job, devices: tuple) -> tuple[np.ndarray, list | None]:
@@ -198,7 +117,7 @@ def run_sweep(
     writer = store.writer(worker.part)
     done = {record["file"] for record in union(store.manifest_parts())}
     all_items = items(spec)
-    mine = worker.share(groups(all_items, spec.batch_per_device))
+    mine = worker.share(groups(all_items, spec.batch_per_device, spec.settings))
     todo = [g for g in mine if any(item.file not in done for item in g)]  # groups still missing an image
     total_mine = sum(len(g) for g in mine)
     skipped = total_mine - sum(item.file not in done for g in todo for item in g)
@@ -208,7 +127,8 @@ def run_sweep(
             pipe = load_pipeline(spec) if pipe is None else pipe
             _warn_ineffective(spec, pipe)
             output = _Output(store, writer, done, worker.tag)
-            written, rate = _compute(spec, pipe, todo, output, progress, total_mine, skipped)
+            with spec_loras(pipe, spec):
+                written, rate = _compute(spec, pipe, todo, output, progress, total_mine, skipped)
     finally:
         writer.close()
     seconds = time.perf_counter() - started
@@ -232,6 +152,15 @@ class _Output(NamedTuple):
     tag: str
 
 
+def _chunks(todo: list[list[Item]], settings, count: int):
+    """Chunks of `count` groups (one per device; the last one padded), never mixing LoRA classes."""
+    for _, same in itertools.groupby(todo, key=lambda group: lora_class(settings, group[0])):
+        same = list(same)
+        for start in range(0, len(same), count):
+            chunk = same[start : start + count]
+            yield chunk + [chunk[-1]] * (count - len(chunk))
+
+
 def _compute(spec, pipe, todo, output: _Output, progress, total_mine, skipped) -> tuple[int, float]:
     """Run this process's remaining groups; returns (images written, images/s after the first chunk)."""
     from tqdm.auto import tqdm
@@ -239,22 +168,21 @@ def _compute(spec, pipe, todo, output: _Output, progress, total_mine, skipped) -
     from sega_jax import parallel
 
     devices = parallel.resolve_devices(spec.devices)
-    jobs, size = _Jobs(pipe, spec), spec.batch_per_device
+    jobs, size = Jobs(pipe, spec), spec.batch_per_device
     bar = tqdm(total=total_mine, initial=skipped, unit="img", desc="sweep", disable=not progress)
     written, first_chunk = 0, None
-    for start in range(0, len(todo), len(devices)):
-        chunk_groups = todo[start : start + len(devices)]
-        chunk_groups += [chunk_groups[-1]] * (len(devices) - len(chunk_groups))
+    for chunk_groups in _chunks(todo, spec.settings, len(devices)):
         chunk_items = [item for g in chunk_groups for item in _padded(g, size)]
+        jobs.use_loras(chunk_items[0].setting)
         images, nsfw = _decode_chunk(pipe, spec, jobs.chunk(chunk_items), devices)
         for position, item in enumerate(chunk_items):
             if item.file in output.done:
                 continue  # done earlier, or a padding copy
-            data = _png(images[position])
+            data = sweep_png.png(images[position], spec, item, pipe)
             output.store.write(item.file, data, output.tag)  # the image whole, then its record
             flag = None if nsfw is None else bool(nsfw[position])
             digest = hashlib.sha256(data).hexdigest()
-            output.writer.append(_record(spec, item, images[position], digest, flag))
+            output.writer.append(sweep_png.record(spec, item, images[position], digest, flag))
             output.done.add(item.file)
             written += 1
             bar.update(1)
@@ -309,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="any other spec key, e.g. num_inference_steps=20 (repeatable)",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[@SCALE]",
+        help="LoRA weights at SCALE (default 1; repeatable; spec key `lora`); vary the scales with a grid "
+        "axis, e.g. 'lora_scale=[0,0.5,1]' (one program for all)",
+    )
     parser.add_argument("--batch-per-device", type=int, help="images per device per call (default 1)")
     parser.add_argument("--mode", choices=("jit", "pmap"), help="sharded jit (default) or pmap")
     parser.add_argument("--devices", type=int, help="use only the first N local devices")
@@ -339,6 +274,7 @@ def spec_from_args(args: argparse.Namespace) -> dict:
         prompts=args.prompt,
         seeds=args.seeds,
         editing_prompt=args.editing_prompt,
+        lora=args.lora,
         batch_per_device=args.batch_per_device,
         mode=args.mode,
         devices=args.devices,

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +36,13 @@ DEFAULTS: dict[str, Any] = dict(
     mode="jit",
     devices=None,
     output=None,
+    lora=[],  # "FILE[@SCALE]" each: LoRA weights loaded at SCALE (default 1); kept as the absolute FILE@SCALE
 )
+# Keys added after sweeps were first stored: left out of the spec's identity at their default, so a sweep
+# stored before them resumes.
+LATER_KEYS: dict[str, Any] = dict(lora=[])
+# The setting key that varies the LoRAs' scales (a number for all, or one per LoRA); not an edit setting.
+LORA_SCALE = "lora_scale"
 REQUIRED = ("model", "prompts", "seeds", "output")
 # Keys that change how the work is run, not which images come out: they may change between runs.
 RUNTIME_KEYS = ("batch_per_device", "mode", "devices", "output")
@@ -49,6 +56,7 @@ SHORT_NAMES = dict(
     edit_weights="weights",
     edit_momentum_scale="mom",
     edit_mom_beta="beta",
+    lora_scale="lora",
 )
 
 
@@ -59,11 +67,12 @@ class SpecError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
     """A validated spec: `values` is the full spec dict, `settings` each setting's overrides, `checked`
-    each setting's full, validated edit parameters."""
+    each setting's full, validated edit parameters, `loras` each setting's LoRAs ("FILE@SCALE")."""
 
     values: dict
     settings: tuple[dict, ...]
     checked: tuple[dict, ...]
+    loras: tuple[tuple[str, ...], ...] = ()
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -78,7 +87,8 @@ class SweepSpec:
 
     def fingerprint(self) -> dict:
         """What decides the images (the spec minus RUNTIME_KEYS), as stored in the output folder."""
-        return {key: value for key, value in self.values.items() if key not in RUNTIME_KEYS}
+        return {key: value for key, value in self.values.items()
+                if key not in RUNTIME_KEYS and not (key in LATER_KEYS and value == LATER_KEYS[key])}
 
 
 class Item(NamedTuple):
@@ -194,7 +204,8 @@ def _check_settings(values: dict, settings: list[dict]) -> list[dict]:
     concepts = len(values["editing_prompt"])
     checked = []
     for index, setting in enumerate(settings):
-        merged = {"guidance_scale": values["guidance_scale"], **EDIT_DEFAULTS, **values["edit"], **setting}
+        edits = {key: value for key, value in setting.items() if key != LORA_SCALE}
+        merged = {"guidance_scale": values["guidance_scale"], **EDIT_DEFAULTS, **values["edit"], **edits}
         try:
             checked.append(check_setting(concepts, merged))
         except ValueError as err:
@@ -221,10 +232,43 @@ def load_spec(spec: Mapping[str, Any]) -> SweepSpec:
 
     check_url(values["output"])
     _check_scalars(values)
+    _check_lora(values)
     settings = expand_settings(values)
     checked = _check_settings(values, settings)
+    loras = tuple(_setting_loras(values["lora"], setting, index) for index, setting in enumerate(settings))
     _check_model(values["model"])
-    return SweepSpec(values, tuple(settings), tuple(checked))
+    return SweepSpec(values, tuple(settings), tuple(checked), loras)
+
+
+def _check_lora(values: dict) -> None:
+    """`lora`: a "FILE[@SCALE]" string or a list of them; each FILE must exist (kept as its absolute path)."""
+    from sega_jax.cli_settings import CLIError, lora_setting
+
+    loras = [values["lora"]] if isinstance(values["lora"], str) else values["lora"]
+    if not isinstance(loras, list) or not all(isinstance(spec, str) and spec for spec in loras):
+        raise SpecError(f"lora: expected a list of 'FILE[@SCALE]' strings, got {values['lora']!r}")
+    try:
+        values["lora"] = [lora_setting(spec, "lora:") for spec in loras]
+    except CLIError as err:
+        raise SpecError(str(err)) from None
+
+
+def _setting_loras(loras: list[str], setting: Mapping[str, Any], index: int) -> tuple[str, ...]:
+    """The spec's LoRAs ("FILE@SCALE") at the setting's `lora_scale`, if it has one."""
+    from sega_jax.cli_settings import parse_lora
+
+    if LORA_SCALE not in setting:
+        return tuple(loras)
+    scales, where = setting[LORA_SCALE], f"edit setting {index} ({setting}): {LORA_SCALE}"
+    if not loras:
+        raise SpecError(f"{where}: the spec has no `lora` to scale")
+    scales = scales if isinstance(scales, list) else [scales] * len(loras)
+    if len(scales) != len(loras):
+        raise SpecError(f"{where}: {len(scales)} scale(s) for {len(loras)} LoRA(s) (give one number, or one "
+                        "per LoRA)")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scales):
+        raise SpecError(f"{where}: expected finite numbers, got {setting[LORA_SCALE]!r}")
+    return tuple(f"{parse_lora(spec)[0]}@{float(scale)!r}" for spec, scale in zip(loras, scales, strict=True))
 
 
 def _check_model(model: str) -> None:
@@ -250,5 +294,18 @@ def items(spec: SweepSpec) -> list[Item]:
     ]
 
 
-def groups(all_items: Sequence[Item], per_device: int) -> list[list[Item]]:
-    return [list(all_items[i : i + per_device]) for i in range(0, len(all_items), per_device)]
+def lora_class(settings: Sequence[Mapping[str, Any]], item: Item) -> str:
+    """Items of one class share their LoRA weights (the setting's `lora_scale`, if any)."""
+    return json.dumps(settings[item.setting].get(LORA_SCALE)) if settings else "null"
+
+
+def groups(all_items: Sequence[Item], per_device: int,
+           settings: Sequence[Mapping[str, Any]] = ()) -> list[list[Item]]:
+    """Work groups of `per_device` items in order. One call runs one set of weights, so the items of each
+    LoRA class (`settings`' `lora_scale`s, in the order they first appear) are grouped on their own; with
+    no `lora_scale` that is all items in one class."""
+    classes: dict[str, list[Item]] = {}
+    for item in all_items:
+        classes.setdefault(lora_class(settings, item), []).append(item)
+    return [members[i : i + per_device] for members in classes.values()
+            for i in range(0, len(members), per_device)]

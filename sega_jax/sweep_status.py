@@ -54,7 +54,8 @@ def shard_lines(spec: SweepSpec, parts: Mapping[str, list[dict]], done: set[str]
             own = sum(len(records) for name, records in parts.items() if part_shard(name) == (index, count))
             line = f"  shard {index}/{count}: "
             if size is not None:
-                share = [item for group in groups(all_items, size)[index::count] for item in group]
+                mine = groups(all_items, size, spec.settings)[index::count]
+                share = [item for group in mine for item in group]
                 finished = sum(item.file in done for item in share)
                 line += f"{finished} done, {len(share) - finished} to do; "
             lines.append(line + f"{own} records in its manifest part")

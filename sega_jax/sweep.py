@@ -107,7 +107,8 @@ def run_sweep(
     shard: tuple[int, int] = (0, 1),
 ) -> SweepSummary:
     """Run (or resume) a sweep: this worker's share of the images (shard `shard` = (i, n) of the work
-    groups, split again among jax processes), then the contact sheets of complete prompts not drawn yet."""
+    groups, split again among jax processes), then the contact sheets of complete prompts not drawn yet.
+    A given `pipe` gets the spec's LoRAs (`lora_0`, ...) for the run; it is left with no adapters."""
     import jax
 
     index = jax.process_index() if process_index is None else process_index

@@ -6,12 +6,15 @@ unconditional embedding with a fresh Adam (optax), warm-started from step i-1's,
 from the current latents lands on the inverted ones: learning rate `lr * (1 - i * lr_decay)`, at most
 `num_inner_steps` iterations, each image stopping once its loss falls below `stop + i * stop_slope`. All of
 it is one compiled program: a `lax.scan` over steps around a `lax.while_loop` with a per-image mask.
-Latents are NHWC inside; `Inversion` holds them in diffusers' layouts.
+With `mode="pmap"` or `"jit"` (sharded over a ('data',) mesh) both run data-parallel, each device inverting
+its slice of the batch with its own early stops. Latents are NHWC inside; `Inversion` holds them in
+diffusers' layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from sega_jax import pipeline_inputs as inputs
@@ -30,7 +34,8 @@ from sega_jax.schedulers.ddim import DDIMSchedule
 
 Array = jax.Array
 UNetFn = Callable[[Array, Array, Array], Array]  # (latents (B,h,w,4), t, context (C*B, L, D)) -> (C*B,h,w,4)
-TRACE_COUNT = {"ddim": 0, "null_text": 0}  # compilations; tests read it
+TRACE_COUNT = {"ddim": 0, "null_text": 0, "ddim pmap": 0, "null_text pmap": 0, "ddim jit": 0,
+               "null_text jit": 0}  # compilations; tests read it
 METHODS = ("null-text", "ddim")
 
 
@@ -180,6 +185,71 @@ def null_text_inversion(graph, state, schedule: DDIMSchedule, trajectory: Array,
                           num_inner_steps)
 
 
+# Batch axis of each argument after (unet state, schedule), and of the outputs; None: replicated.
+_AXES = {"ddim": ((0, 0), 1),  # (x0, cond) -> trajectory
+         "null_text": ((1, 0, 0, None, None), NullTextResult(1, 1, 1, 1))}  # (trajectory, uncond, cond,
+#                                                                             scale, settings) -> result
+
+
+@functools.lru_cache(maxsize=16)
+def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: tuple):
+    """`ddim_inversion` / `null_text_inversion` as one pmap or sharded-jit program over `devices`."""
+    from sega_jax.parallel import AXIS, _spec
+
+    in_axes, out_axes = _AXES[kind]
+
+    def body(state, schedule, *args):
+        TRACE_COUNT[f"{kind} {mode}"] += 1
+        unet = _unet_fn(graph, state)
+        if kind == "ddim":
+            x0, cond = args
+            return ddim_invert(lambda x, t: unet(x, t, cond), schedule, x0)
+        return null_text_loop(unet, schedule, *args, num_inner_steps)
+
+    if mode == "pmap":
+        return jax.pmap(body, AXIS, in_axes=(None, None, *in_axes), out_axes=out_axes, devices=devices)
+    specs = lambda axes: jax.tree.map(_spec, axes, is_leaf=lambda a: a is None)
+    mapped = jax.shard_map(body, mesh=jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
+                           in_specs=(P(), P(), *specs(in_axes)), out_specs=specs(out_axes), check_vma=False)
+    return jax.jit(mapped, compiler_options=xla_options.compiler_options())
+
+
+def _pad_batch(x: Array, axis: int | None, total: int) -> Array:
+    """Repeat the last image along `axis` up to `total` images."""
+    if axis is None or x.shape[axis] == total:
+        return x
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    return jnp.concatenate([x, *[last] * (total - x.shape[axis])], axis=axis)
+
+
+def run_parallel(kind: str, pipe, schedule: DDIMSchedule, mode: str, devices, batch: int, *args,
+                 num_inner_steps: int = 0):
+    """Run `kind` ("ddim" or "null_text") data-parallel: pad the batch to a multiple of the device count,
+    place the slices, run, and return the outputs for the `batch` real images."""
+    from sega_jax import parallel
+
+    if mode not in parallel.MODES:
+        raise ValueError(f"`mode` must be one of {parallel.MODES} or None, got {mode!r}")
+    devices = parallel.resolve_devices(devices)
+    count = len(devices)
+    total = -(-batch // count) * count
+    in_axes, out_axes = _AXES[kind]
+    args = [_pad_batch(a, axis, total) for a, axis in zip(args, in_axes, strict=True)]
+    if mode == "pmap":
+        # via the host: an input committed to another sharding (the DDIM pass's output) is refused by pmap
+        args = [jax.tree.map(lambda x, axis=axis: parallel._split_for_pmap(np.asarray(x), axis, count), a)
+                for a, axis in zip(args, in_axes, strict=True)]
+    else:
+        mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
+        place = lambda a, axis: jax.device_put(a, jax.sharding.NamedSharding(mesh, parallel._spec(axis)))
+        args = [a if axis is None else place(a, axis) for a, axis in zip(args, in_axes, strict=True)]
+    program = _data_parallel(kind, pipe._unet[0], num_inner_steps, mode, devices)
+    out = program(parallel.replicated(pipe, devices), schedule, *args)
+    if mode == "pmap":
+        out = jax.tree.map(parallel._merge_from_pmap, out, out_axes)
+    return jax.tree.map(lambda x, axis: jax.lax.slice_in_dim(x, 0, batch, axis=axis), out, out_axes)
+
+
 @dataclasses.dataclass
 class Inversion:
     """What `SemanticStableDiffusionPipeline.invert` found; pass it as `pipe(..., inversion=inv)`.
@@ -239,9 +309,12 @@ def encode_image(graph, state, images: Array, scaling_factor) -> Array:
 
 def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 7.5,
            method: str = "null-text", *, num_inner_steps: int = 10, learning_rate: float = 1e-2,
-           lr_decay: float = 1e-2, early_stop: float = 1e-5, early_stop_slope: float = 2e-5) -> Inversion:
+           lr_decay: float = 1e-2, early_stop: float = 1e-5, early_stop_slope: float = 2e-5,
+           mode: str | None = None, devices=None) -> Inversion:
     """`SemanticStableDiffusionPipeline.invert`: DDIM-invert the photo(s) at guidance 1 with `prompt`, then
-    (method "null-text") optimise the per-step unconditional embeddings for `guidance_scale`."""
+    (method "null-text") optimise the per-step unconditional embeddings for `guidance_scale`. `mode` "pmap"
+    or "jit" spreads the batch over `devices` (all local ones, the first N, or a list) as `sega_jax.parallel`
+    does; None runs on one device."""
     check_method(method)
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}")
@@ -253,13 +326,18 @@ def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidanc
                       pipe.vae.config.scaling_factor)
     batch = x0.shape[0]
     cond = pipe._encode([prompt] * batch)
-    trajectory = ddim_inversion(pipe._unet[0], pipe._unet[1], schedule, x0, cond)
+    if mode is None:
+        trajectory = ddim_inversion(pipe._unet[0], pipe._unet[1], schedule, x0, cond)
+    else:
+        trajectory = run_parallel("ddim", pipe, schedule, mode, devices, batch, x0, cond)
     result = None
     if method == "null-text":
         uncond = pipe._encode([""] * batch, truncation=True)
         settings = NullTextSettings.create(learning_rate, lr_decay, early_stop, early_stop_slope)
-        result = null_text_inversion(pipe._unet[0], pipe._unet[1], schedule, trajectory, uncond, cond,
-                                     jnp.float32(guidance_scale), settings, num_inner_steps=num_inner_steps)
+        args = (trajectory, uncond, cond, jnp.float32(guidance_scale), settings)
+        result = (null_text_inversion(*pipe._unet, schedule, *args, num_inner_steps=num_inner_steps)
+                  if mode is None else run_parallel("null_text", pipe, schedule, mode, devices, batch, *args,
+                                                    num_inner_steps=num_inner_steps))
     nchw = lambda a: np.moveaxis(np.asarray(a), -1, -3)
     return Inversion(
         latents=nchw(trajectory[-1]), uncond_embeddings=None if result is None else np.asarray(result.uncond),

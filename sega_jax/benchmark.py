@@ -7,6 +7,7 @@ the peak resident memory each run added. Needs the test extra (torch, diffusers)
     python3 scripts/benchmark.py --model tiny --steps 20 --concepts 4
     python3 scripts/benchmark.py --model sd15 --steps 3 --concepts 2 --size 512
     python3 scripts/benchmark.py --model sdxl --steps 2 --concepts 2 --size 512 --repeats 1
+    python3 scripts/benchmark.py --model sd15 --ledits --steps 10 --concepts 2 --size 512 --repeats 1
 
 SDXL (`sdxl-tiny`, `sdxl`: the real architecture with random weights): ours is
 SemanticStableDiffusionXLPipeline; diffusers has no SEGA for SDXL, so its side is diffusers' SEGA pipeline
@@ -220,12 +221,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s in our dtype, to report model FLOP utilisation")
     parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--ledits", action="store_true",
+                        help="LEDITS++: invert a photo (--steps inversion steps) and edit it (SD models)")
     parser.add_argument("--save-folder", type=Path, default=None,
                         help="keep the generated diffusers folder here (for --folder on a torch-free Python)")
     parser.add_argument("--folder", type=Path, default=None,
                         help="time sega-jax alone on this saved folder (of --model's kind); needs no torch")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.model in ("tiny", "sdxl-tiny") else 512)
+    if args.ledits and (args.model in XL_MODELS or args.folder is not None):
+        parser.error("--ledits takes --model tiny or sd15 (and no --folder)")
     return args
 
 
@@ -287,6 +292,12 @@ def run_xl(args, folder: Path) -> tuple[dict, dict | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.ledits:
+        from sega_jax import benchmark_ledits
+
+        with tempfile.TemporaryDirectory() as tmp:
+            benchmark_ledits.run(args, args.save_folder or Path(tmp))
+        return 0
     if args.folder is not None:
         ours, theirs = run_saved(args)
     else:

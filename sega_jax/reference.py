@@ -306,3 +306,28 @@ def sega_xl_reference(reference_xl_pipe, prompt: str, concepts: list[str], size:
                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class _OwnLengthTokenizer:
+    """A CLIP tokenizer whose `return_length` counts each text's own tokens (plus start/end): under
+    transformers 5 it reports the padded length (77), so diffusers' LEDITS++ sums 75 token maps per concept
+    (README: LEDITS++ deviations). With this the reference computes the masks as sega-jax does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        import torch
+
+        out = self.tokenizer(texts, **kwargs)
+        if kwargs.get("return_length"):
+            own = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+            out["length"] = torch.tensor([len(row) for row in own])
+        return out
+
+
+def own_length_tokenizer(tokenizer) -> _OwnLengthTokenizer:
+    return _OwnLengthTokenizer(tokenizer)

@@ -34,3 +34,18 @@ def test_difference_report_counts_elements_beyond_fp32_noise():
     ours[[3, 500]] += 0.5  # two elements moved across a guidance threshold
     text = benchmark.describe_difference(ours, reference)
     assert text.startswith("max relative difference of the outputs: 2.50e-01 (2 of 1000 elements above 1e-4;")
+
+
+def test_ledits_benchmark_times_invert_and_edit_on_both_sides_with_matching_outputs(capsys):
+    argv = ["--model", "tiny", "--ledits", "--steps", "3", "--concepts", "2", "--repeats", "1"]
+    assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    line = r"invert ([0-9.]+) s  edit ([0-9.]+) s  total ([0-9.]+) s  peak \+\d+ MB"
+    ours = re.search(rf"^sega-jax : {line}  compile [0-9.]+ s", out, re.M)
+    theirs = re.search(rf"^diffusers: {line}  \(cpu, float32\)", out, re.M)
+    ratio = re.search(r"^ratio diffusers/sega-jax \(invert \+ edit\): ([0-9.]+)x", out, re.M)
+    diff = re.search(r"^max relative difference of the outputs: ([0-9.e+-]+)", out, re.M)
+    assert ours and theirs and ratio and diff, out
+    expected = float(theirs.group(3)) / float(ours.group(3))  # totals printed to 10 ms: a relative check
+    assert abs(float(ratio.group(1)) / expected - 1) < 0.05, (ratio.group(1), expected)
+    assert float(diff.group(1)) < 1e-4  # the same edit from the same weights and inversion draws

@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from sega_jax import LEditsPPPipelineStableDiffusion  # noqa: E402
 from sega_jax.guidance_ledits import LEditsParams, attention_mask, ledits_step, noise_mask  # noqa: E402
 from sega_jax.pipelines import ledits  # noqa: E402
+from sega_jax.pipelines.ledits_inputs import preprocess_images  # noqa: E402
 
 # A tiny UNet with cross-attention at 1/4 of the latent size (where the reference's attention store looks).
 UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -81,12 +82,10 @@ def photo(seed: int = 0, size: int = 64) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    """The reference inverted with a seeded generator (its draws and corrected latents recorded), ours
-    inverted with those draws."""
-    folder = tmp_path_factory.mktemp("ledits")
-    ref, module = build_reference(folder)
+@contextlib.contextmanager
+def recorded_inversion(module):
+    """Record the reference's `invert` inside the block: yields (draws, corrected), lists that fill with
+    each `randn_tensor` result (diffusers' draw order) and each corrected x_{t-1} (loop order)."""
     draws, corrected = [], []
     randn, compute_noise = module.randn_tensor, module.compute_noise
 
@@ -101,33 +100,183 @@ def case(tmp_path_factory):
 
     module.randn_tensor, module.compute_noise = recording_randn, recording_noise
     try:
-        ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
+        yield draws, corrected
     finally:
         module.randn_tensor, module.compute_noise = randn, compute_noise
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """The reference inverted with a seeded generator (its draws and corrected latents recorded), ours
+    inverted with those draws."""
+    folder = tmp_path_factory.mktemp("ledits")
+    ref, module = build_reference(folder)
+    with recorded_inversion(module) as (draws, corrected):
+        ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
     pipe = LEditsPPPipelineStableDiffusion.from_pretrained(folder, requires_safety_checker=False)
     pipe.set_scheduler("DPMSolverMultistepScheduler")  # the folder's DDIM, as diffusers' pipeline converts it
     pipe.set_progress_bar_config(disable=True)
     noise = torch.stack(draws).numpy()
     inversion = pipe.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, noise=noise)
-    return dict(ref=ref, pipe=pipe, inversion=inversion, noise=noise,
+    return dict(ref=ref, module=module, folder=folder, pipe=pipe, inversion=inversion, noise=noise,
                 corrected=[x.numpy() for x in corrected])
 
 
 def test_inversion_matches_diffusers(case):
     ref, inv = case["ref"], case["inversion"]
     assert case["noise"].shape == (STEPS, 1, 4, 32, 32)
+    # The reference's local xts (its corrected x_{t-1}, recorded in loop order), but for the x0 slot, where
+    # its second-order update divides by a zero step ratio (inf/NaN); ours stays finite.
+    check_inversion(inv, ref, case["corrected"], finite_x0=False)
+    assert not inv.zs[-1].any()  # zero: the final sigma is 0
+    assert not np.isfinite(case["corrected"][-1]).all() and np.isfinite(inv.xts).all()
+    assert case["pipe"].inversion is inv
+
+
+def check_inversion(inv, ref, corrected, finite_x0: bool) -> None:
+    """Ours against the reference's last inversion: init latents, zs, the corrected xts (recorded)."""
     np.testing.assert_array_equal(inv.timesteps, ref.inversion_steps.numpy())
     assert rel(inv.init_latents, ref.init_latents.numpy()) < TOL
     zs = ref.zs.numpy()
-    for i in range(STEPS - 1):
-        assert rel(inv.zs[i], zs[i]) < TOL, i
-    np.testing.assert_array_equal(inv.zs[-1], zs[-1])  # zero: the final sigma is 0
-    # The reference's local xts (its corrected x_{t-1}, recorded in loop order), but for the x0 slot, where
-    # its second-order update divides by a zero step ratio (inf/NaN); ours stays finite.
-    for j, x in enumerate(case["corrected"][:-1]):
+    for i in range(STEPS):
+        assert rel(inv.zs[i], zs[i]) < TOL if zs[i].any() else not inv.zs[i].any(), i
+    for j, x in enumerate(corrected if finite_x0 else corrected[:-1]):
         assert rel(inv.xts[STEPS - 1 - j], x) < TOL, j
-    assert not np.isfinite(case["corrected"][-1]).all() and np.isfinite(inv.xts).all()
-    assert case["pipe"].inversion is inv
+
+
+@contextlib.contextmanager
+def integer_add_noise(scheduler):
+    """The test's patch for diffusers' DDIM inversion crash: `invert` gives `add_noise` the timestep as a
+    float tensor (`torch.Tensor([t])`), which DDIM uses as an index; pass the integer it means."""
+    add_noise = scheduler.add_noise
+    scheduler.add_noise = lambda x, noise, t: add_noise(x, noise, t.long())
+    try:
+        yield
+    finally:
+        del scheduler.add_noise
+
+
+@pytest.fixture(scope="module")
+def ddim(case):
+    """The reference and ours with DDIM (the same weights), ours inverted with the reference's draws."""
+    from diffusers import DDIMScheduler
+
+    from sega_jax.tiny import SD_DDIM
+
+    parts = dict(case["ref"].components, scheduler=DDIMScheduler.from_config(SD_DDIM))
+    parts["tokenizer"] = parts["tokenizer"].tokenizer
+    ref = case["module"].LEditsPPPipelineStableDiffusion(**parts)
+    ref.set_progress_bar_config(disable=True)
+    object.__setattr__(ref, "tokenizer", OwnLengthTokenizer(ref.tokenizer))
+    with pytest.raises(IndexError, match="tensors used as indices must be long"):  # the reference's crash
+        ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
+    with integer_add_noise(ref.scheduler), recorded_inversion(case["module"]) as (draws, corrected):
+        ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
+    pipe = LEditsPPPipelineStableDiffusion.from_pretrained(case["folder"], requires_safety_checker=False)
+    pipe.set_scheduler("DDIMScheduler")
+    inversion = pipe.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, noise=torch.stack(draws).numpy())
+    return dict(ref=ref, pipe=pipe, inversion=inversion, corrected=[x.numpy() for x in corrected])
+
+
+def test_ddim_inversion_crashes_in_diffusers_and_matches_it_patched(ddim):
+    """The crash is asserted in the fixture (unpatched reference); here the patched one's outputs, all
+    xts finite for DDIM (the x0 slot included)."""
+    assert type(ddim["pipe"].scheduler).__name__ == "DDIMScheduler"
+    check_inversion(ddim["inversion"], ddim["ref"], ddim["corrected"], finite_x0=True)
+    assert ddim["inversion"].zs[-1].any()  # DDIM's last noise map is not zero (DPM-Solver's is)
+
+
+def test_ddim_edit_matches_diffusers(ddim):
+    settings = dict(EDITS, edit_threshold=[0.9, 0.8])  # [0.9, 0.75]: an element 5.5e-6 from its quantile
+    with quantile_margin() as margin:
+        theirs = ddim["ref"](output_type="latent", **settings).images.numpy()
+    assert margin[0] > MARGIN, f"ill-conditioned case: an element {margin[0]:.1e} from a mask's quantile"
+    assert rel(ddim["pipe"](output_type="latent", **settings).images, theirs) < TOL
+    assert rel(theirs, ddim["ref"](output_type="latent").images.numpy()) > 100 * TOL
+
+
+@contextlib.contextmanager
+def injected_draws(module, noise):
+    """The reference's `invert` drawing the given (N, B, 4, h, w) noise instead of its generator's."""
+    randn, draws = module.randn_tensor, iter(noise)
+    module.randn_tensor = lambda *args, **kwargs: torch.from_numpy(np.ascontiguousarray(next(draws)))
+    try:
+        yield
+    finally:
+        module.randn_tensor = randn
+
+
+def test_two_photos_in_one_call_equal_each_alone(case):
+    """Ours pairs each photo with its own attention maps: a batch of two equals each photo inverted and
+    edited alone with its slice of the draws, and the reference's single-photo runs. The reference's own
+    batch differs from its single-photo runs under the attention mask (its store mixes the images), not
+    under the noise mask alone."""
+    ref, module, pipe = case["ref"], case["module"], case["pipe"]
+    photos, kwargs = [photo(0), photo(1)], dict(num_inversion_steps=STEPS, skip=SKIP)
+    settings = dict(EDITS, edit_threshold=[0.9, 0.85])  # every quantile margin >= 2.2e-5 (measured)
+    noise_only = dict(settings, use_intersect_mask=False)
+    with recorded_inversion(module) as (draws, _):
+        ref.invert(photos, generator=torch.Generator().manual_seed(0), **kwargs)
+    noise = torch.stack(draws).numpy()
+    theirs_batch = [ref(output_type="latent", **s).images.numpy() for s in (settings, noise_only)]
+    try:
+        both = pipe.invert(photos, noise=noise, **kwargs)
+        ours = np.asarray(pipe(output_type="latent", **settings).images)
+        for i in range(2):
+            alone = pipe.invert(photos[i], noise=noise[:, i:i + 1], **kwargs)
+            for name in ("init_latents", "zs", "xts"):
+                axis = 0 if name == "init_latents" else 1
+                assert rel(np.take(getattr(both, name), [i], axis), getattr(alone, name)) < 1e-5, name
+            assert rel(ours[i:i + 1], pipe(output_type="latent", **settings).images) < 1e-5
+            with injected_draws(module, noise[:, i:i + 1]):
+                ref.invert(photos[i], **kwargs)
+            with quantile_margin() as margin:
+                theirs = [ref(output_type="latent", **s).images.numpy() for s in (settings, noise_only)]
+            assert margin[0] > MARGIN, f"ill-conditioned: an element {margin[0]:.1e} from a quantile"
+            assert rel(ours[i:i + 1], theirs[0]) < TOL
+            assert rel(theirs_batch[1][i:i + 1], theirs[1]) < TOL  # no attention: the reference agrees
+            assert rel(theirs_batch[0][i:i + 1], theirs[0]) > 0.1  # attention: its batch mixes the images
+    finally:
+        pipe.inversion = case["inversion"]
+        ref.invert(photo(), generator=torch.Generator().manual_seed(0), **kwargs)  # the case's inversion back
+
+
+def wide_photo() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(3).integers(0, 256, (75, 130, 3), dtype=np.uint8))
+
+
+# (height, width), crops_coords: rows filled / cropped (64x64), columns (64x128), crops inside and past the
+# photo (PIL pads with zeros there)
+RESIZES = [((64, 64), None), ((64, 128), None), ((96, 64), (5, 3, 120, 70)), ((32, 96), (-10, 0, 100, 80))]
+
+
+def test_resize_modes_equal_diffusers_preprocessing():
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    by_mode = {}
+    for mode in ("default", "fill", "crop"):
+        for size, crop in RESIZES:
+            theirs = processor.preprocess(wide_photo(), *size, resize_mode=mode, crops_coords=crop)
+            ours, _ = preprocess_images([wide_photo()], *size, mode, crop, 8)
+            np.testing.assert_array_equal(ours, theirs.permute(0, 2, 3, 1).numpy())
+            by_mode.setdefault(mode, []).append(ours)
+    for a, b in (("default", "fill"), ("fill", "crop"), ("default", "crop")):
+        assert all(not np.array_equal(x, y) for x, y in zip(by_mode[a], by_mode[b], strict=True)), (a, b)
+
+
+def test_invert_resizes_as_diffusers(case):
+    """`invert(..., resize_mode, crops_coords)` reaches the preprocessing: its resized photo is the one
+    diffusers' pipeline preprocesses and returns."""
+    pipe, kwargs = case["pipe"], dict(height=64, width=64, resize_mode="fill", crops_coords=(5, 3, 120, 70))
+    try:
+        inv = pipe.invert(wide_photo(), num_inversion_steps=STEPS, skip=SKIP, noise=case["noise"], **kwargs)
+    finally:
+        pipe.inversion = case["inversion"]
+    processor = case["ref"].image_processor
+    theirs = processor.postprocess(processor.preprocess(wide_photo(), **kwargs), output_type="pil")[0]
+    np.testing.assert_array_equal(np.asarray(inv.images[0]), np.asarray(theirs))
+    assert rel(inv.init_latents, case["inversion"].init_latents) > 100 * TOL  # another photo went in
 
 
 # Thresholds chosen so that every case is well-conditioned (see `quantile_margin`): with [0.9, 0.7] the
@@ -260,6 +409,11 @@ def test_bad_edit_inputs(case, kwargs, message):
     (photo(), dict(source_guidance_scale=float("nan")), ValueError, "source_guidance_scale"),
     (photo(), dict(skip=1.0), ValueError, "skip"),
     (photo(), dict(generator=object()), TypeError, "generator"),
+    (photo(), dict(resize_mode="stretch"), ValueError, "resize_mode"),
+    (np.zeros((64, 64, 3), np.float32), dict(resize_mode="crop"), ValueError, "resize_mode"),
+    (photo(), dict(crops_coords=(0, 0, 32)), ValueError, "crops_coords"),
+    (photo(), dict(crops_coords=(0.5, 0, 32, 32)), ValueError, "crops_coords"),
+    (photo(), dict(crops_coords=(40, 0, 8, 32)), ValueError, "crops_coords"),
 ])
 def test_bad_invert_inputs(case, image, kwargs, error, message):
     with pytest.raises(error, match=message):

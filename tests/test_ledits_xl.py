@@ -13,7 +13,15 @@ pytest.importorskip("diffusers")
 from sega_jax import LEditsPPPipelineStableDiffusionXL  # noqa: E402
 from sega_jax.pipelines import ledits  # noqa: E402
 from sega_jax.reference import save_reference_xl  # noqa: E402
-from tests.test_ledits import MARGIN, TOL, OwnLengthTokenizer, photo, quantile_margin, rel  # noqa: E402  # noqa: E402
+from tests.test_ledits import (  # noqa: E402
+    MARGIN,
+    TOL,
+    OwnLengthTokenizer,
+    photo,
+    quantile_margin,
+    recorded_inversion,
+    rel,
+)
 
 # Five steps of a five-step schedule: the first timestep (801) is above 800, where the SD reference would
 # not intersect the masks and the SDXL one does.
@@ -22,24 +30,9 @@ STEPS, SKIP, ZERO_STEPS = 5, 0.1, 2
 
 def record_invert(ref, module, **kwargs):
     """Run the reference's `invert` with a seeded generator: (its draws (N, B, 4, h, w), corrected xts)."""
-    draws, corrected = [], []
-    randn, compute_noise = module.randn_tensor, module.compute_noise
-
-    def recording_randn(*args, **kw):
-        draws.append(randn(*args, **kw))
-        return draws[-1]
-
-    def recording_noise(*args):
-        z, x = compute_noise(*args)
-        corrected.append(x.clone())
-        return z, x
-
-    module.randn_tensor, module.compute_noise = recording_randn, recording_noise
-    try:
+    with recorded_inversion(module) as (draws, corrected):
         ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, num_zero_noise_steps=ZERO_STEPS,
                    generator=torch.Generator().manual_seed(0), **kwargs)
-    finally:
-        module.randn_tensor, module.compute_noise = randn, compute_noise
     return torch.stack(draws).numpy(), [x.numpy() for x in corrected]
 
 

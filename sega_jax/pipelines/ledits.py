@@ -243,18 +243,13 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
         """Edit the last inverted photo(s) (or `inversion`). `attn_store_steps` and
         `store_averaged_over_steps` only fill the reference's visualisation store and change nothing."""
         inputs.check_generator(generator)
-        if output_type not in inputs.OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
         if cross_attention_kwargs or callback_on_step_end is not None:
             raise ValueError("`cross_attention_kwargs` and `callback_on_step_end` are not supported")
-        inversion = self.inversion if inversion is None else inversion
-        if inversion is None:
-            raise ValueError("You need to invert an input image first before calling the pipeline. The "
-                             "`invert` method has to be called beforehand, or pass `inversion=`.")
-        inputs.check_finite(edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
-                            guidance_rescale=guidance_rescale, user_mask=user_mask, sem_guidance=sem_guidance,
-                            editing_prompt_embeds=editing_prompt_embeds,
-                            negative_prompt_embeds=negative_prompt_embeds)
+        inversion = self._edit_inversion(inversion, output_type, edit_guidance_scale=edit_guidance_scale,
+                                         edit_threshold=edit_threshold, guidance_rescale=guidance_rescale,
+                                         user_mask=user_mask, sem_guidance=sem_guidance,
+                                         editing_prompt_embeds=editing_prompt_embeds,
+                                         negative_prompt_embeds=negative_prompt_embeds)
         batch, _, h, w = inversion.init_latents.shape
         clip_skip = inputs.check_int(clip_skip, "clip_skip", allow_none=True)
         concepts, tokens = self._ledits_concepts(editing_prompt, editing_prompt_embeds, clip_skip)
@@ -274,6 +269,20 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
                                  intersect=bool(use_intersect_mask))
         return self.finish(out, output_type, return_dict, inversion.seed,
                            run_safety_checker=run_safety_checker)
+
+    def _edit_inversion(self, inversion: LEditsPPInversion | None, output_type,
+                        **finite) -> LEditsPPInversion:
+        """The inversion an edit starts from (`inversion`, else the last `invert`'s), once `output_type` is
+        known and the numeric arguments in `finite` are finite (the checks both families' `__call__`
+        share)."""
+        if output_type not in inputs.OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
+        inversion = self.inversion if inversion is None else inversion
+        if inversion is None:
+            raise ValueError("You need to invert an input image first before calling the pipeline. The "
+                             "`invert` method has to be called beforehand, or pass `inversion=`.")
+        inputs.check_finite(**finite)
+        return inversion
 
     def _edit_latents(self, inversion: LEditsPPInversion, context, k: int, params: LEditsParams, user_mask,
                       sem_guidance, *, cross_attn: bool, intersect: bool, num_steps: int | None = None,

@@ -148,21 +148,16 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
                  inversion: LEditsPPInversion | None = None):
         """Edit the last inverted photo(s) (or `inversion`). `attn_store_steps` and
         `store_averaged_over_steps` only fill the reference's visualisation store and change nothing."""
-        if output_type not in inputs.OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
         if ip_adapter_image is not None or cross_attention_kwargs or callback_on_step_end is not None:
             raise ValueError("`ip_adapter_image`, `cross_attention_kwargs` and `callback_on_step_end` are "
                              "not supported")
-        inversion = self.inversion if inversion is None else inversion
-        if inversion is None:
-            raise ValueError("You need to invert an input image first before calling the pipeline. The "
-                             "`invert` method has to be called beforehand, or pass `inversion=`.")
-        inputs.check_finite(edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
-                            guidance_rescale=guidance_rescale, user_mask=user_mask, sem_guidance=sem_guidance,
-                            editing_prompt_embeddings=editing_prompt_embeddings,
-                            editing_pooled_prompt_embeds=editing_pooled_prompt_embeds,
-                            negative_prompt_embeds=negative_prompt_embeds,
-                            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        inversion = self._edit_inversion(
+            inversion, output_type, edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
+            guidance_rescale=guidance_rescale, user_mask=user_mask, sem_guidance=sem_guidance,
+            editing_prompt_embeddings=editing_prompt_embeddings,
+            editing_pooled_prompt_embeds=editing_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         batch, _, h, w = inversion.init_latents.shape
         clip_skip = inputs.check_int(clip_skip, "clip_skip", allow_none=True) or None
         steps = self._denoising_steps(denoising_end, inversion)

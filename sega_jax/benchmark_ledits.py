@@ -40,12 +40,12 @@ def reference_ledits(sega):
     from diffusers import DPMSolverMultistepScheduler
     from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
 
-    from sega_jax.reference import own_length_tokenizer
+    from sega_jax.reference import OwnLengthTokenizer
 
     scheduler = DPMSolverMultistepScheduler.from_config(
         sega.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2)
     pipe = module.LEditsPPPipelineStableDiffusion(
-        vae=sega.vae, text_encoder=sega.text_encoder, tokenizer=own_length_tokenizer(sega.tokenizer),
+        vae=sega.vae, text_encoder=sega.text_encoder, tokenizer=OwnLengthTokenizer(sega.tokenizer),
         unet=sega.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -58,21 +58,12 @@ def time_diffusers(reference, args) -> tuple[dict, np.ndarray]:
     from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
 
     from sega_jax.benchmark import PeakRSS
+    from sega_jax.reference import recorded_inversion
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    draws, randn = [], module.randn_tensor
-
-    def recording(*a, **kw):
-        draws.append(randn(*a, **kw))
-        return draws[-1]
-
     invert = dict(num_inversion_steps=args.steps, skip=SKIP)
-    module.randn_tensor = recording
-    try:
-        with torch.inference_mode():
-            reference.invert(photo(args.size), generator=torch.Generator().manual_seed(0), **invert)
-    finally:
-        module.randn_tensor = randn
+    with torch.inference_mode(), recorded_inversion(module) as (draws, _):
+        reference.invert(photo(args.size), generator=torch.Generator().manual_seed(0), **invert)
     noise = torch.stack(draws).numpy()
     invert_s, edit_s = [], []
     with PeakRSS() as memory, torch.inference_mode():

@@ -5,6 +5,7 @@ Needs the test extra (torch, diffusers, transformers' torch models); nothing at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -308,7 +309,7 @@ def sega_xl_reference(reference_xl_pipe, prompt: str, concepts: list[str], size:
     return pipe
 
 
-class _OwnLengthTokenizer:
+class OwnLengthTokenizer:
     """A CLIP tokenizer whose `return_length` counts each text's own tokens (plus start/end): under
     transformers 5 it reports the padded length (77), so diffusers' LEDITS++ sums 75 token maps per concept
     (README: LEDITS++ deviations). With this the reference computes the masks as sega-jax does."""
@@ -329,5 +330,25 @@ class _OwnLengthTokenizer:
         return out
 
 
-def own_length_tokenizer(tokenizer) -> _OwnLengthTokenizer:
-    return _OwnLengthTokenizer(tokenizer)
+@contextlib.contextmanager
+def recorded_inversion(module):
+    """Record diffusers' LEDITS++ `invert` inside the block (`module`: its pipeline module): yields
+    (draws, corrected), lists that fill with each `randn_tensor` result (diffusers' draw order, what
+    `invert(..., noise=...)` takes stacked) and each corrected x_{t-1} (loop order)."""
+    draws, corrected = [], []
+    randn, compute_noise = module.randn_tensor, module.compute_noise
+
+    def recording_randn(*args, **kwargs):
+        draws.append(randn(*args, **kwargs))
+        return draws[-1]
+
+    def recording_noise(*args):
+        z, x = compute_noise(*args)
+        corrected.append(x.clone())
+        return z, x
+
+    module.randn_tensor, module.compute_noise = recording_randn, recording_noise
+    try:
+        yield draws, corrected
+    finally:
+        module.randn_tensor, module.compute_noise = randn, compute_noise

@@ -19,6 +19,7 @@ from sega_jax import LEditsPPPipelineStableDiffusion  # noqa: E402
 from sega_jax.guidance_ledits import LEditsParams, attention_mask, ledits_step, noise_mask  # noqa: E402
 from sega_jax.pipelines import ledits  # noqa: E402
 from sega_jax.pipelines.ledits_inputs import preprocess_images  # noqa: E402
+from sega_jax.reference import OwnLengthTokenizer, recorded_inversion  # noqa: E402
 
 # A tiny UNet with cross-attention at 1/4 of the latent size (where the reference's attention store looks).
 UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -32,24 +33,6 @@ TOL = 1e-4
 def rel(ours, theirs) -> float:
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
-class OwnLengthTokenizer:
-    """The reference's tokenizer with `return_length` counting each text's own tokens (plus start/end), as
-    we do; under transformers 5 it reports the padded length (77), so the reference sums 75 token maps."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-    def __call__(self, texts, **kwargs):
-        out = self.tokenizer(texts, **kwargs)
-        if kwargs.get("return_length"):
-            own = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
-            out["length"] = torch.tensor([len(row) for row in own])
-        return out
 
 
 def build_reference(folder):
@@ -80,29 +63,6 @@ def build_reference(folder):
 
 def photo(seed: int = 0, size: int = 64) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-@contextlib.contextmanager
-def recorded_inversion(module):
-    """Record the reference's `invert` inside the block: yields (draws, corrected), lists that fill with
-    each `randn_tensor` result (diffusers' draw order) and each corrected x_{t-1} (loop order)."""
-    draws, corrected = [], []
-    randn, compute_noise = module.randn_tensor, module.compute_noise
-
-    def recording_randn(*args, **kwargs):
-        draws.append(randn(*args, **kwargs))
-        return draws[-1]
-
-    def recording_noise(*args):
-        z, x = compute_noise(*args)
-        corrected.append(x.clone())
-        return z, x
-
-    module.randn_tensor, module.compute_noise = recording_randn, recording_noise
-    try:
-        yield draws, corrected
-    finally:
-        module.randn_tensor, module.compute_noise = randn, compute_noise
 
 
 @pytest.fixture(scope="module")

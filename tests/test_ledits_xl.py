@@ -12,16 +12,8 @@ pytest.importorskip("diffusers")
 
 from sega_jax import LEditsPPPipelineStableDiffusionXL  # noqa: E402
 from sega_jax.pipelines import ledits  # noqa: E402
-from sega_jax.reference import save_reference_xl  # noqa: E402
-from tests.test_ledits import (  # noqa: E402
-    MARGIN,
-    TOL,
-    OwnLengthTokenizer,
-    photo,
-    quantile_margin,
-    recorded_inversion,
-    rel,
-)
+from sega_jax.reference import OwnLengthTokenizer, recorded_inversion, save_reference_xl  # noqa: E402
+from tests.test_ledits import MARGIN, TOL, photo, quantile_margin, rel  # noqa: E402
 
 # Five steps of a five-step schedule: the first timestep (801) is above 800, where the SD reference would
 # not intersect the masks and the SDXL one does.

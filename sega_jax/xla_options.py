@@ -20,6 +20,7 @@ import platform
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 logger = logging.getLogger(__name__)
 
@@ -29,34 +30,65 @@ _FUSION = "LIBRARY_FUSION_TYPE_"
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": f"{_FUSION}INDIVIDUAL_DOT,{_FUSION}REDUCE"}
 
 
+# XLA:CPU computes half-precision convolutions in fp32. With loop-invariant code motion on, it hoists each
+# weight's upcast out of the SEGA loop (an fp32 copy of every conv weight held for the whole loop); with it
+# off, `layers.fp32_at_use` places each upcast at its use (BENCHMARKS.md, section 1e).
+HALF_PRECISION_CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def upcasts_half_precision() -> bool:
+    """Whether the default backend computes half-precision convolutions in fp32 (XLA:CPU does)."""
+    return jax.default_backend() == "cpu"
+
+
 @functools.cache
-def compiler_options() -> dict[str, str]:
+def compiler_options(half_precision: bool = False) -> dict[str, str]:
     """The options sega-jax's programs compile with here: `CPU_OPTIONS` on an x86-64 CPU backend whose XLA
-    accepts them, else none."""
+    accepts them, plus `HALF_PRECISION_CPU_OPTIONS` for a program with half-precision arrays on a CPU
+    backend; else none."""
     if os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
         return {}
-    if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return {}
+    options = {}
+    if jax.default_backend() == "cpu" and platform.machine().lower() in ("x86_64", "amd64"):
+        options.update(_accepted(CPU_OPTIONS))
+    if half_precision and upcasts_half_precision():
+        options.update(_accepted(HALF_PRECISION_CPU_OPTIONS))
+    return options
+
+
+def _accepted(options: dict[str, str]) -> dict[str, str]:
     try:  # an XLA that does not know the option (or its values) rejects it at compile time
-        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
     except Exception as error:  # noqa: BLE001 - any rejection means: compile with XLA's defaults
-        logger.info("XLA rejected %s (%s); using its defaults", CPU_OPTIONS, error)
+        logger.info("XLA rejected %s (%s); using its defaults", options, error)
         return {}
-    return dict(CPU_OPTIONS)
+    return dict(options)
+
+
+def has_half_precision(tree) -> bool:
+    """Whether any array leaf of `tree` is a 16-bit float (bf16/fp16 weights or inputs)."""
+    return any(jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+               for dtype in (getattr(leaf, "dtype", None) for leaf in jax.tree.leaves(tree))
+               if dtype is not None)
 
 
 def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
-    """`jax.jit(fun, **jit_kwargs)` with `compiler_options()`, resolved at the first call; usable as a
+    """`jax.jit(fun, **jit_kwargs)` with `compiler_options()`, resolved at the first call (and again for
+    calls with half-precision arguments, which get `compiler_options(half_precision=True)`); usable as a
     decorator with or without arguments."""
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
-    compiled = None
+    compiled: dict[bool, Callable] = {}
+
+    def program(args, kwargs):
+        half = has_half_precision((args, kwargs))
+        if half not in compiled:
+            compiled[half] = jax.jit(fun, compiler_options=compiler_options(half), **jit_kwargs)
+        return compiled[half]
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        nonlocal compiled
-        if compiled is None:
-            compiled = jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
-        return compiled(*args, **kwargs)
+        return program(args, kwargs)(*args, **kwargs)
 
+    call.lower = lambda *args, **kwargs: program(args, kwargs).lower(*args, **kwargs)
     return call

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sega_jax import xla_options
 from sega_jax.models.attention import dot_product_attention
 
 Array = jax.Array
@@ -32,12 +33,53 @@ def _accumulator(dtype) -> jnp.dtype:
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
+def _opaque_zero(x: Array) -> Array:
+    """0.0 (fp32) computed from `x` in a way XLA cannot fold: clz of 32 bits is at most 32, so >> 6 is 0."""
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+    return (jax.lax.clz(bits) >> 6).astype(jnp.float32)
+
+
+def fp32_at_use(w: Array, x: Array) -> Array:
+    """`w` upcast to fp32 where it meets the activation `x`. XLA:CPU computes half-precision convolutions
+    (and matrix-vector products) in fp32 and upcasts their weights itself; inside the SEGA `lax.scan` those
+    upcasts are loop-invariant, so XLA hoisted them out of the loop and held an fp32 copy of every conv
+    weight for the whole loop (+2.2 GB for SD 1.5 in bf16, more than the bf16 weights themselves; BENCHMARKS
+    section 1e), or scheduled them all at once. Adding a zero that depends on `x` makes each upcast one
+    fused pass that runs just before its use, into a buffer that is reused (with `xla_options`'s
+    half-precision options, which keep XLA from hoisting the convert alone). The values are exact."""
+    return w.astype(jnp.float32) + _opaque_zero(x)
+
+
+def _upcast_at_use(dtype, rows: int | None = None) -> bool:
+    """Whether a half-precision op is computed in fp32 with `fp32_at_use`: on XLA:CPU, what it has no
+    half-precision kernel for: convolutions (rows None), bf16 matrix-vector products (rows 1) and every
+    fp16 product."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize >= 4 or not xla_options.upcasts_half_precision():
+        return False
+    return rows in (None, 1) or dtype == jnp.float16
+
+
 def half_precision_dot(x: Array, w: Array) -> Array:
-    """x @ w in w's dtype. Half-precision operands accumulate in fp32 (`preferred_element_type`): on
-    XLA:CPU a bf16 x bf16 -> bf16 dot is upcast by the compiler, and inside the SEGA scan those fp32 weight
-    copies are hoisted out of the loop and all held at once (+3.4 GB for SD 1.5); bf16 -> fp32 dots run
-    natively (no copies, 2-3x faster) and round once. fp32 is unchanged."""
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=_accumulator(w.dtype)).astype(w.dtype)
+    """x @ w in w's dtype. Half-precision operands accumulate in fp32 (`preferred_element_type`): XLA:CPU
+    runs bf16 -> fp32 matrix products natively (2-3x faster than bf16 -> bf16) and rounds once; what it
+    upcasts (`_upcast_at_use`) is computed in fp32 from `fp32_at_use` weights. fp32 is unchanged."""
+    dtype = w.dtype
+    x = x.astype(dtype)
+    if _upcast_at_use(dtype, math.prod(x.shape[:-1])):
+        x, w = x.astype(jnp.float32), fp32_at_use(w, x)
+    return jnp.matmul(x, w, preferred_element_type=_accumulator(dtype)).astype(dtype)
+
+
+def _convolution(x: Array, w: Array, stride: int, padding) -> Array:
+    dtype = w.dtype
+    x = x.astype(dtype)
+    if _upcast_at_use(dtype):
+        x, w = x.astype(jnp.float32), fp32_at_use(w, x)
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=_accumulator(dtype),
+    ).astype(dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -66,10 +108,7 @@ class Conv2d(nnx.Module):
             # at SD's shapes (proj_in/out, resnet shortcuts).
             y = half_precision_dot(x, w[0, 0])
         else:
-            y = jax.lax.conv_general_dilated(
-                x.astype(w.dtype), w, (self.stride, self.stride), self.padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulator(w.dtype),
-            ).astype(w.dtype)
+            y = _convolution(x, w, self.stride, self.padding)
         return y if self.bias is None else y + self.bias[...]
 
 

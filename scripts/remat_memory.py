@@ -51,7 +51,8 @@ def main() -> None:
     pipe = SemanticStableDiffusionPipeline.from_pretrained(args.folder, requires_safety_checker=False)
     for remat in (True, False):
         two, three = (temp_bytes(pipe, n, args.size, args.concepts, remat) for n in (2, 3))
-        print(f"remat={remat}: {(three - two) / 2**20:.2f} MiB more per step; {three / 2**20:.0f} MiB at 3 steps")
+        print(f"remat={remat}: {(three - two) / 2**20:.2f} MiB more per step; "
+              f"{three / 2**20:.0f} MiB at 3 steps")
 
 
 if __name__ == "__main__":

@@ -154,3 +154,38 @@ def test_edit_settings_do_not_recompile(case):
 def test_bad_edit_inputs(case, kwargs, message):
     with pytest.raises(ValueError, match=message):
         case["pipe"](output_type="latent", **{"editing_prompt": ["a cat"], **kwargs})
+
+
+def test_ddim_inversion_and_edit_match_diffusers(case):
+    """DDIM on SDXL: diffusers' SDXL `invert` gives `add_noise` an integer timestep, so unlike the SD
+    pipeline (test_ledits: IndexError, patched there) it runs as it is. Unlike the SD pipeline it does not
+    force `clip_sample=False` on a DDIM config either, so a DDIM made from this folder's Euler config clamps
+    x0 to [-1, 1] there; sega-jax never clips in LEDITS++ (README: deviations). Both sides switch to DDIM
+    and back."""
+    from diffusers import DDIMScheduler
+
+    ref, pipe = case["ref"], case["pipe"]
+    dpm = ref.scheduler
+    kwargs = dict(num_inversion_steps=STEPS, skip=SKIP, num_zero_noise_steps=ZERO_STEPS)
+    try:
+        pipe.set_scheduler("DDIMScheduler")
+        ref.scheduler = DDIMScheduler.from_config(dpm.config)
+        assert ref.scheduler.config.clip_sample  # diffusers' default, kept by its SDXL pipeline
+        noise, _ = record_invert(ref, case["module"])
+        clipped = ref.zs.numpy()
+        ref.scheduler = DDIMScheduler.from_config(dpm.config, clip_sample=False)
+        noise, corrected = record_invert(ref, case["module"])
+        inv = pipe.invert(photo(), noise=noise, **kwargs)
+        check_inversion(ref, inv, corrected)
+        assert rel(inv.zs, clipped) > 0.1  # the clipping reference is another function
+        with quantile_margin() as margin:
+            theirs = ref(output_type="latent", **EDITS).images.numpy()
+        assert margin[0] > MARGIN, f"ill-conditioned case: an element {margin[0]:.1e} from a mask's quantile"
+        ours = pipe(output_type="latent", **EDITS).images
+        print(f"DDIM edit parity: {rel(ours, theirs):.2e}")
+        assert rel(ours, theirs) < TOL
+        assert rel(theirs, ref(output_type="latent").images.numpy()) > 100 * TOL
+    finally:
+        ref.scheduler = dpm
+        pipe.set_scheduler("DPMSolverMultistepScheduler")
+        pipe.inversion = case["inversion"]

@@ -57,6 +57,7 @@ class NullTextResult(NamedTuple):
     latents: Array  # (N + 1, B, h, w, 4) the guided trajectory with those embeddings, noisiest first
     losses: Array  # (N, B) the last inner iteration's loss at each step
     iterations: Array  # (N, B) int32 inner iterations run per step and image
+    initial_losses: Array  # (N, B) each step's loss before its first update
 
 
 def ddim_scheduler(scheduler: Any) -> DDIMScheduler:
@@ -111,8 +112,9 @@ def _image_loss(pred: Array, target: Array) -> Array:
 
 def optimise_step(unet: UNetFn, s: DDIMSchedule, i: Array, x: Array, target: Array, uncond: Array,
                   cond: Array, scale: Array, settings: NullTextSettings,
-                  num_inner_steps: int) -> tuple[Array, Array, Array]:
-    """One step's inner Adam loop: (optimised uncond (B, L, D), last losses (B,), iterations (B,))."""
+                  num_inner_steps: int) -> tuple[Array, Array, Array, Array]:
+    """One step's inner Adam loop: (optimised uncond (B, L, D), last losses (B,), iterations (B,), losses
+    before the first update (B,))."""
     t = s.timesteps[i]
     eps_cond = jax.lax.stop_gradient(unet(x, t, cond).astype(jnp.float32))
     lr = settings.learning_rate * (1.0 - i.astype(jnp.float32) * settings.lr_decay)
@@ -125,24 +127,26 @@ def optimise_step(unet: UNetFn, s: DDIMSchedule, i: Array, x: Array, target: Arr
         return jnp.sum(per_image), per_image
 
     def cond_fn(carry) -> Array:
-        j, _, _, active, _, _ = carry
+        j, _, _, active, _, _, _ = carry
         return (j < num_inner_steps) & jnp.any(active)
 
     def body(carry):
-        j, emb, opt_state, active, count, last = carry
+        j, emb, opt_state, active, count, last, first = carry
         (_, per_image), grads = jax.value_and_grad(losses, has_aux=True)(emb)
         updates, opt_state = opt.update(grads, opt_state, emb)
         mask = active[:, None, None]
         emb = jnp.where(mask, optax.apply_updates(emb, updates), emb)
         last = jnp.where(active, per_image, last)
         count = count + active.astype(jnp.int32)
-        return j + 1, emb, opt_state, active & (per_image >= threshold), count, last
+        first = jnp.where(j == 0, per_image, first)
+        return j + 1, emb, opt_state, active & (per_image >= threshold), count, last, first
 
     batch = x.shape[0]
+    zeros = jnp.zeros(batch, jnp.float32)
     init = (jnp.int32(0), uncond, opt.init(uncond), jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32),
-            jnp.zeros(batch, jnp.float32))
-    _, emb, _, _, count, last = jax.lax.while_loop(cond_fn, body, init)
-    return emb, last, count
+            zeros, zeros)
+    _, emb, _, _, count, last, first = jax.lax.while_loop(cond_fn, body, init)
+    return emb, last, count, first
 
 
 def null_text_loop(unet: UNetFn, s: DDIMSchedule, trajectory: Array, uncond: Array, cond: Array,
@@ -154,14 +158,15 @@ def null_text_loop(unet: UNetFn, s: DDIMSchedule, trajectory: Array, uncond: Arr
     def body(carry, xs):
         x, emb = carry
         i, target = xs
-        emb, loss, count = optimise_step(unet, s, i, x, target, emb, cond, scale, settings, num_inner_steps)
+        emb, loss, count, first = optimise_step(unet, s, i, x, target, emb, cond, scale, settings,
+                                                num_inner_steps)
         x = forward_step(s, i, x, guided(unet, x, s.timesteps[i], emb.astype(cond.dtype), cond, scale))
-        return (x, emb), (emb, x, loss, count)
+        return (x, emb), (emb, x, loss, count, first)
 
     start = trajectory[-1]
-    _, (embs, xs, loss, count) = jax.lax.scan(
+    _, (embs, xs, loss, count, first) = jax.lax.scan(
         body, (start, uncond.astype(jnp.float32)), (jnp.arange(n, dtype=jnp.int32), targets))
-    return NullTextResult(embs, jnp.concatenate([start[None], xs]), loss, count)
+    return NullTextResult(embs, jnp.concatenate([start[None], xs]), loss, count, first)
 
 
 def _unet_fn(graph, state) -> UNetFn:
@@ -187,7 +192,7 @@ def null_text_inversion(graph, state, schedule: DDIMSchedule, trajectory: Array,
 
 # Batch axis of each argument after (unet state, schedule), and of the outputs; None: replicated.
 _AXES = {"ddim": ((0, 0), 1),  # (x0, cond) -> trajectory
-         "null_text": ((1, 0, 0, None, None), NullTextResult(1, 1, 1, 1))}  # (trajectory, uncond, cond,
+         "null_text": ((1, 0, 0, None, None), NullTextResult(1, 1, 1, 1, 1))}  # (trajectory, uncond, cond,
 #                                                                             scale, settings) -> result
 
 
@@ -266,8 +271,9 @@ class Inversion:
     num_inference_steps: int
     guidance_scale: float
     method: str
-    losses: np.ndarray | None = None  # (N, B)
+    losses: np.ndarray | None = None  # (N, B) each step's last inner-iteration loss
     iterations: np.ndarray | None = None  # (N, B)
+    initial_losses: np.ndarray | None = None  # (N, B) each step's loss before its first update
     scheduler: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -344,7 +350,8 @@ def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidanc
         trajectory=nchw(trajectory), image_latents=nchw(x0), timesteps=np.asarray(schedule.timesteps),
         prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
         method=method, losses=None if result is None else np.asarray(result.losses),
-        iterations=None if result is None else np.asarray(result.iterations), scheduler=scheduler)
+        iterations=None if result is None else np.asarray(result.iterations),
+        initial_losses=None if result is None else np.asarray(result.initial_losses), scheduler=scheduler)
 
 
 def job_inputs(inversion: Inversion, steps: int, batch: int, do_cfg: bool, latents) -> tuple:

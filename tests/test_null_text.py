@@ -77,6 +77,12 @@ def test_null_text_reconstructs_better_than_ddim(pipes):
     assert nt_err <= 0.5 * ddim_err
     # the guided trajectory the optimiser saw is the one the pipeline replays
     assert np.isfinite(nt.losses).all() and (nt.iterations >= 1).all()
+    # each step's inner Adam loop lowers its loss (the last iteration's loss against the first's)
+    print("per-step loss, first -> last inner iteration:",
+          [f"{a:.3g} -> {b:.3g}" for a, b in zip(nt.initial_losses[:, 0], nt.losses[:, 0], strict=True)])
+    several = nt.iterations > 1
+    assert several.any() and (nt.losses[several] < nt.initial_losses[several]).all()
+    np.testing.assert_array_equal(nt.losses[~several], nt.initial_losses[~several])
 
 
 def test_per_image_early_stop_in_a_batch(pipes):

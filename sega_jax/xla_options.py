@@ -32,7 +32,7 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": f"{_FUSION}INDIVIDUAL_DOT
 
 # XLA:CPU computes half-precision convolutions in fp32. With loop-invariant code motion on, it hoists each
 # weight's upcast out of the SEGA loop (an fp32 copy of every conv weight held for the whole loop); with it
-# off, `layers.fp32_at_use` places each upcast at its use (BENCHMARKS.md, section 1e).
+# off, `layers.fp32_at_use` places each upcast at its use (BENCHMARKS.md, section 1f).
 HALF_PRECISION_CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 

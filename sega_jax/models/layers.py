@@ -44,7 +44,7 @@ def fp32_at_use(w: Array, x: Array) -> Array:
     (and matrix-vector products) in fp32 and upcasts their weights itself; inside the SEGA `lax.scan` those
     upcasts are loop-invariant, so XLA hoisted them out of the loop and held an fp32 copy of every conv
     weight for the whole loop (+2.2 GB for SD 1.5 in bf16, more than the bf16 weights themselves; BENCHMARKS
-    section 1e), or scheduled them all at once. Adding a zero that depends on `x` makes each upcast one
+    section 1f), or scheduled them all at once. Adding a zero that depends on `x` makes each upcast one
     fused pass that runs just before its use, into a buffer that is reused (with `xla_options`'s
     half-precision options, which keep XLA from hoisting the convert alone). The values are exact."""
     return w.astype(jnp.float32) + _opaque_zero(x)

@@ -3,6 +3,8 @@ fp32 copy hoisted out of the loop, issue 16), and computes exactly what XLA's ow
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,7 @@ UNET = UNetConfig(
 CONCEPTS = 2
 
 
+@functools.cache
 def _loop_memory(dtype) -> tuple[int, int]:
     """(parameter bytes, temporary bytes) of the compiled SEGA loop (2 steps, 2 concepts, 8x8 latents)."""
     graph, state = nnx.split(UNet2DConditionModel(UNET, dtype=dtype, rngs=nnx.Rngs(0)))

@@ -197,7 +197,8 @@ _AXES = {"ddim": ((0, 0), 1),  # (x0, cond) -> trajectory
 
 
 @functools.lru_cache(maxsize=16)
-def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: tuple):
+def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: tuple,
+                   half_precision: bool = False):
     """`ddim_inversion` / `null_text_inversion` as one pmap or sharded-jit program over `devices`."""
     from sega_jax.parallel import AXIS, _spec
 
@@ -216,7 +217,7 @@ def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: t
     specs = lambda axes: jax.tree.map(_spec, axes, is_leaf=lambda a: a is None)
     mapped = jax.shard_map(body, mesh=jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
                            in_specs=(P(), P(), *specs(in_axes)), out_specs=specs(out_axes), check_vma=False)
-    return jax.jit(mapped, compiler_options=xla_options.compiler_options())
+    return jax.jit(mapped, compiler_options=xla_options.compiler_options(half_precision))
 
 
 def _pad_batch(x: Array, axis: int | None, total: int) -> Array:
@@ -248,7 +249,8 @@ def run_parallel(kind: str, pipe, schedule: DDIMSchedule, mode: str, devices, ba
         mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
         place = lambda a, axis: jax.device_put(a, jax.sharding.NamedSharding(mesh, parallel._spec(axis)))
         args = [a if axis is None else place(a, axis) for a, axis in zip(args, in_axes, strict=True)]
-    program = _data_parallel(kind, pipe._unet[0], num_inner_steps, mode, devices)
+    program = _data_parallel(kind, pipe._unet[0], num_inner_steps, mode, devices,
+                             xla_options.has_half_precision(pipe._unet[1]))
     out = program(parallel.replicated(pipe, devices), schedule, *args)
     if mode == "pmap":
         out = jax.tree.map(parallel._merge_from_pmap, out, out_axes)

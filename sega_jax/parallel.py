@@ -235,7 +235,7 @@ def _spec(axis):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(static: _Static, mode: str, devices: tuple):
+def _compiled(static: _Static, mode: str, devices: tuple, half_precision: bool = False):
     body = _body(static, mode)
     if mode == "pmap":
         return jax.pmap(
@@ -247,7 +247,7 @@ def _compiled(static: _Static, mode: str, devices: tuple):
     mapped = jax.shard_map(
         body, mesh=mesh, in_specs=in_specs, out_specs=to_spec(static.out_axes), check_vma=False
     )
-    return jax.jit(mapped, compiler_options=xla_options.compiler_options())
+    return jax.jit(mapped, compiler_options=xla_options.compiler_options(half_precision))
 
 
 _REPLICATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -345,7 +345,8 @@ def run(
         padded.eta,
         padded.replay,
     )
-    out = _compiled(static, mode, devices)(*_place(args, mode, devices))
+    half = xla_options.has_half_precision(args)  # bf16/fp16 weights: no hoisted fp32 copies (xla_options)
+    out = _compiled(static, mode, devices, half)(*_place(args, mode, devices))
     if mode == "pmap":
         out = jax.tree.map(_merge_from_pmap, out, static.out_axes)
     return ParallelResult(*jax.tree.map(lambda x, a: _unpad(x, a, batch), out, static.out_axes))

@@ -4,6 +4,7 @@ fp32 copy hoisted out of the loop, issue 16), and computes exactly what XLA's ow
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +111,27 @@ def test_jit_compiles_half_precision_calls_with_the_half_precision_options(monke
     assert chosen == [False, True]
     assert xla_options.has_half_precision({"a": [jnp.ones(2), jnp.ones(2, jnp.float16)]})
     assert not xla_options.has_half_precision((jnp.ones(2), np.ones(2, np.int16), "text", None))
+
+
+def test_sharded_jit_programs_get_the_half_precision_options_for_half_precision_weights(monkeypatch):
+    """`parallel`'s sharded jit and the data-parallel null-text inversion build their own `jax.jit`: they
+    ask for the half-precision options exactly when the weights are bf16/fp16."""
+    from sega_jax import parallel
+    from sega_jax.tiny import tiny_pipeline
+
+    chosen, real = [], xla_options.compiler_options
+
+    def recording(half=False):
+        if sys._getframe(1).f_code.co_name in ("_compiled", "_data_parallel"):  # those two builders only
+            chosen.append(half)
+        return real(half)
+
+    monkeypatch.setattr(xla_options, "compiler_options", recording)
+    photo = np.full((1, 16, 16, 3), 0.5, np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        pipe = tiny_pipeline(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        parallel.generate(pipe, "a cat", height=16, width=16, num_inference_steps=1, mode="jit",
+                          output_type="latent")
+        pipe.invert(photo, num_inference_steps=1, num_inner_steps=1, mode="jit")
+    assert chosen == [False, False, False, True, True, True], chosen  # generate, DDIM pass, null-text

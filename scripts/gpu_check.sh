@@ -4,7 +4,9 @@
 #   2. runs the parity tests on the GPU (JAX on CUDA vs diffusers on the CPU, fp32 at full matmul
 #      precision: XLA's default fp32 matmuls on Ampere+ are TF32, which is not what parity means);
 #   3. runs scripts/benchmark.py for the SD 1.5 architecture, 512x512, 50 steps, 4 concepts, bf16 ours vs
-#      fp16 diffusers on the same card, with model FLOP utilisation against the card's bf16 peak;
+#      fp16 diffusers on the same card, with model FLOP utilisation against the card's bf16 peak, and the
+#      same case in fp32 on both sides (20 steps), so the half-precision rows' GPU memory has its fp32 base
+#      (issue 16: bf16 peak <= 0.6x fp32's);
 #   4. runs it for SDXL (the real architecture, random weights), 1024x1024, 50 steps, 2 concepts, bf16 ours vs
 #      fp16 diffusers (its SEGA code around its SDXL UNet, sega_jax.reference.sega_xl_reference);
 #   5. prints one table (also written to $OUT/gpu_check.md). Budget: under 15 minutes on an H100/H200.
@@ -46,6 +48,10 @@ JAX_PLATFORMS=cuda timeout 300 python3 scripts/benchmark.py --model sd15 --size 
   2>&1 | tee "$OUT/benchmark.log"
 bench_rc=${PIPESTATUS[0]}
 
+JAX_PLATFORMS=cuda timeout 300 python3 scripts/benchmark.py --model sd15 --size 512 --steps 20 --concepts 4 \
+  --torch-device cuda --torch-dtype float32 --repeats 1 2>&1 | tee "$OUT/benchmark_fp32.log"
+fp32_rc=${PIPESTATUS[0]}
+
 JAX_PLATFORMS=cuda timeout 600 python3 scripts/benchmark.py --model sdxl --size 1024 --steps 50 --concepts 2 \
   --dtype bfloat16 --torch-device cuda --torch-dtype float16 --repeats 1 \
   2>&1 | tee "$OUT/benchmark_sdxl.log"
@@ -65,6 +71,10 @@ field() { grep -m1 "$1" "${LOG:-$OUT/benchmark.log}" | sed -E "s/$2/\1/"; }
   echo "| GPU peak memory, sega-jax / diffusers | $(field '^sega-jax :' '.*gpu peak ([0-9]+ MB).*') / $(field '^diffusers:' '.*gpu peak ([0-9]+ MB).*') |"
   echo "| compile time, sega-jax | $(field '^sega-jax :' '.*compile ([0-9.]+ s).*') |"
   echo "| benchmark exit status | $bench_rc |"
+  LOG="$OUT/benchmark_fp32.log"
+  echo "| fp32 both sides, ms/step sega-jax / diffusers (20 steps) | $(field '^sega-jax :' '^sega-jax : *([0-9.]+) ms.*') / $(field '^diffusers:' '^diffusers: *([0-9.]+) ms.*') |"
+  echo "| fp32 GPU peak memory, sega-jax / diffusers | $(field '^sega-jax :' '.*gpu peak ([0-9]+ MB).*') / $(field '^diffusers:' '.*gpu peak ([0-9]+ MB).*') |"
+  echo "| fp32 benchmark exit status | $fp32_rc |"
   LOG="$OUT/benchmark_sdxl.log"
   echo "| SDXL sega-jax bf16, ms/step (1024x1024, 50 steps, 2 concepts) | $(field '^sega-jax :' '^sega-jax : *([0-9.]+) ms.*') |"
   echo "| SDXL diffusers fp16 (SEGA code around its UNet), ms/step | $(field '^diffusers:' '^diffusers: *([0-9.]+) ms.*') |"
@@ -72,4 +82,4 @@ field() { grep -m1 "$1" "${LOG:-$OUT/benchmark.log}" | sed -E "s/$2/\1/"; }
   echo "| SDXL GPU peak memory, sega-jax / diffusers | $(field '^sega-jax :' '.*gpu peak ([0-9]+ MB).*') / $(field '^diffusers:' '.*gpu peak ([0-9]+ MB).*') |"
   echo "| SDXL benchmark exit status | $sdxl_rc |"
 } | tee "$OUT/gpu_check.md"
-[ "$parity_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$sdxl_rc" = 0 ]
+[ "$parity_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$fp32_rc" = 0 ] && [ "$sdxl_rc" = 0 ]

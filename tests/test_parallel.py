@@ -195,11 +195,15 @@ def test_null_text_inversion_under_pmap_and_sharded_jit_stops_each_image_on_its_
         got = report.pop(mode)
         print(mode, got)
         assert got.pop("iterations") == report["iterations"], mode  # the same early stops, per image
-        # Adam divides each gradient by its running RMS, so the per-device batches' rounding noise in
-        # near-zero gradients reaches the embeddings larger (measured 5.3e-5 pmap, 7.2e-5 jit); the DDIM
-        # trajectory stays at the usual level; SEGA from those embeddings carries them (edited 1.0e-5).
-        assert got.pop("uncond") <= 1e-4 and got.pop("edited") <= 1e-4, (mode, got)
-        assert max(got.values()) <= 1e-5, (mode, got)
+        # The embeddings themselves are not comparable at fp32 noise: Adam divides each gradient by its
+        # running RMS, so the rounding noise of a near-zero gradient becomes a full-size step. Measured
+        # against one device with the whole batch: 5.3e-5 (pmap) / 7.2e-5 (jit) relative on jax 0.10.2,
+        # 1.2e-4 (pmap) on jax 0.12, and 7.1e-5 to 1.1e-4 even against one device running the same batch
+        # (another compilation). What the embeddings are for is checked at fp32 noise instead: the guided
+        # trajectory they were fitted to, the losses, and SEGA run from them. The 1e-3 bound only catches
+        # mix-ups (an image paired with another's embeddings differs by O(1)).
+        assert got.pop("uncond") <= 1e-3, (mode, got)
+        assert got.pop("edited") <= 1e-4 and max(got.values()) <= 1e-5, (mode, got)
     assert report["traces"] == {"ddim pmap": 1, "null_text pmap": 1, "ddim jit": 1, "null_text jit": 1}
 
 

@@ -191,9 +191,11 @@ def null_text_inversion(graph, state, schedule: DDIMSchedule, trajectory: Array,
 
 
 # Batch axis of each argument after (unet state, schedule), and of the outputs; None: replicated.
-_AXES = {"ddim": ((0, 0), 1),  # (x0, cond) -> trajectory
-         "null_text": ((1, 0, 0, None, None), NullTextResult(1, 1, 1, 1, 1))}  # (trajectory, uncond, cond,
-#                                                                             scale, settings) -> result
+_AXES = {
+    "ddim": ((0, 0), 1),  # (x0, cond) -> trajectory
+    # (trajectory, uncond, cond, scale, settings) -> NullTextResult
+    "null_text": ((1, 0, 0, None, None), NullTextResult(1, 1, 1, 1, 1)),
+}
 
 
 @functools.lru_cache(maxsize=16)

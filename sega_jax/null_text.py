@@ -236,8 +236,6 @@ def run_parallel(kind: str, pipe, schedule: DDIMSchedule, mode: str, devices, ba
     place the slices, run, and return the outputs for the `batch` real images."""
     from sega_jax import parallel
 
-    if mode not in parallel.MODES:
-        raise ValueError(f"`mode` must be one of {parallel.MODES} or None, got {mode!r}")
     devices = parallel.resolve_devices(devices)
     count = len(devices)
     total = -(-batch // count) * count
@@ -309,6 +307,13 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_mode(mode: str | None) -> None:
+    from sega_jax.parallel import MODES
+
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES} or None, got {mode!r}")
+
+
 @xla_options.jit(static_argnames=("graph",))
 def encode_image(graph, state, images: Array, scaling_factor) -> Array:
     """The VAE posterior mean, scaled: NHWC latents in fp32."""
@@ -326,6 +331,7 @@ def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidanc
     or "jit" spreads the batch over `devices` (all local ones, the first N, or a list) as `sega_jax.parallel`
     does; None runs on one device."""
     check_method(method)
+    check_mode(mode)  # before the photo is encoded
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}")
     num_inference_steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)

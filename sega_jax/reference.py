@@ -352,3 +352,27 @@ def recorded_inversion(module):
         yield draws, corrected
     finally:
         module.randn_tensor, module.compute_noise = randn, compute_noise
+
+
+def smooth_photo(size: int, seed: int = 0):
+    """A smooth size x size RGB picture (random 8x8 colours, bicubic up): a stand-in photo to invert."""
+    from PIL import Image
+
+    coarse = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+def ledits_reference(sega):
+    """diffusers' `LEditsPPPipelineStableDiffusion` on the components of a diffusers SEGA pipeline, with the
+    scheduler diffusers' LEDITS++ converts to (DPM-Solver++ 2M SDE) and each concept's own token count."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        sega.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2)
+    pipe = module.LEditsPPPipelineStableDiffusion(
+        vae=sega.vae, text_encoder=sega.text_encoder, tokenizer=OwnLengthTokenizer(sega.tokenizer),
+        unet=sega.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

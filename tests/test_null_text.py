@@ -121,6 +121,8 @@ def test_bad_inputs(pipes):
     pipe, _ = pipes
     with pytest.raises(ValueError, match="method"):
         pipe.invert(photo(), method="edit-friendly")
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        pipe.invert(photo(), mode="vmap")
     inv = pipe.invert(photo(), prompt=PROMPT, num_inference_steps=STEPS, method="ddim")
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe(PROMPT, num_inference_steps=STEPS + 1, inversion=inv, output_type="latent")

@@ -16,10 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from PIL import Image  # noqa: E402
 
 from sega_jax import LEditsPPPipelineStableDiffusion, SemanticStableDiffusionPipeline  # noqa: E402
-from sega_jax.reference import OwnLengthTokenizer, recorded_inversion  # noqa: E402
+from sega_jax.reference import ledits_reference, recorded_inversion, smooth_photo  # noqa: E402
 from tests.test_ledits import EDITS, MARGIN, quantile_margin, rel  # noqa: E402
 from tests.test_sdxl_heavy import randomize_norms  # noqa: E402
 
@@ -29,10 +28,8 @@ SIZE, STEPS, SKIP, TOL = 256, 4, 0.25, 1e-4
 PROMPT = "a photo of a house"
 
 
-def photo(seed: int = 0) -> Image.Image:
-    """A smooth 256x256 RGB picture (random 8x8 colours, bicubic up)."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((SIZE, SIZE), Image.BICUBIC)
+def photo(seed: int = 0):
+    return smooth_photo(SIZE, seed)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +47,10 @@ def sd15(tmp_path_factory) -> dict:
 
 
 def test_ledits_invert_and_edit_match_diffusers_on_the_sd15_architecture(sd15):
-    from diffusers import DPMSolverMultistepScheduler
     from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
 
     sega = sd15["reference"]
-    dpm = DPMSolverMultistepScheduler.from_config(sega.scheduler.config, algorithm_type="sde-dpmsolver++",
-                                                  solver_order=2)
-    ref = module.LEditsPPPipelineStableDiffusion(
-        vae=sega.vae, text_encoder=sega.text_encoder, tokenizer=OwnLengthTokenizer(sega.tokenizer),
-        unet=sega.unet, scheduler=dpm, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    ref = ledits_reference(sega)
     with recorded_inversion(module) as (draws, _):
         ref.invert(photo(), num_inversion_steps=STEPS, skip=SKIP, generator=torch.Generator().manual_seed(0))
     noise = torch.stack(draws).numpy()

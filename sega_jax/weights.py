@@ -249,7 +249,7 @@ def release_pages(array: np.ndarray) -> None:
     while owner is not None and not isinstance(owner, np.memmap):
         owner = owner.base
     mapping = getattr(owner, "_mmap", None)
-    if not isinstance(mapping, mmap.mmap) or array.nbytes == 0:
+    if not isinstance(mapping, mmap.mmap) or array.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     mapping_start = owner.ctypes.data - owner.offset % mmap.ALLOCATIONGRANULARITY
     start = array.ctypes.data - mapping_start

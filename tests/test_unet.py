@@ -64,6 +64,26 @@ def test_unet_matches_diffusers_fp32(tmp_path, config, hw, t):
     assert max_rel_diff(got, nchw_to_nhwc(expected)) <= 1e-4
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (12, 20)], ids=["4-chunks-of-64", "4-chunks-of-60"])
+def test_feed_forward_in_token_chunks_matches_diffusers_and_the_whole_sequence(tmp_path, monkeypatch, hw):
+    """Long sequences run the feed-forward in token chunks (the memory of SD 1.5's 64x64 level): the
+    chunk size is lowered here so that a tiny UNet's 16x16 level is chunked."""
+    from sega_jax.models import transformer
+
+    reference = save_unet(tmp_path, SD1_TINY)
+    sample, context = inputs(SD1_TINY, 2, hw)
+    expected = nchw_to_nhwc(torch_forward(reference, sample, 981, context))
+    # a fresh jit per run: the chunking is decided when the UNet is traced
+    run = lambda: jit_module_call(jax_forward.__wrapped__)(load_unet(tmp_path), nchw_to_nhwc(sample),  # noqa: E731
+                                                           np.float32(981), context)
+    whole = run()
+    monkeypatch.setattr(transformer, "FEED_FORWARD_CHUNK", 64)
+    assert transformer.feed_forward_chunks(hw[0] * hw[1]) == 4
+    chunked = run()
+    assert max_rel_diff(chunked, expected) <= 1e-4
+    assert max_rel_diff(chunked, whole) <= 1e-6
+
+
 PLAIN_FIRST = dict(SD1_TINY, layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 

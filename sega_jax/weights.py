@@ -246,9 +246,9 @@ def release_pages(array: np.ndarray) -> None:
     stays resident beside the copies until loading ends: an fp32 SD 1.5 folder loaded in bf16 peaked at
     5.3 GB for 2.1 GB of weights (issue 16, scripts/dtype_memory.py)."""
     owner = array
-    while owner is not None and not isinstance(owner, np.memmap):
-        owner = owner.base
-    mapping = getattr(owner, "_mmap", None)
+    while isinstance(owner, np.ndarray) and not isinstance(owner, np.memmap):
+        owner = owner.base  # a view's base; a torch-owned array (pickled .bin) ends at a Tensor
+    mapping = getattr(owner, "_mmap", None) if isinstance(owner, np.memmap) else None
     if not isinstance(mapping, mmap.mmap) or array.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     mapping_start = owner.ctypes.data - owner.offset % mmap.ALLOCATIONGRANULARITY

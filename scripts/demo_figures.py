@@ -28,7 +28,7 @@ from sega_jax import demo  # noqa: E402
 # SEGA's attribute swap: away from the prompt's colour and toward the new one, two concepts at once (a
 # "blue" concept alone pushes this model's red shapes to yellow, a latent mixture of the two).
 FIGURE = {"prompt": "a large red circle on a white background", "edits": ["red", "blue"],
-          "reverse": [True, False], "scale": 8.0, "threshold": 0.8, "warmup": 2, "seed": 3, "steps": 25}
+          "reverse": [True, False], "scale": 8.0, "threshold": 0.8, "warmup": 4, "seed": 3, "steps": 25}
 FIGURE_EDITS = [f"{text}@{'reverse,' if reverse else ''}scale={FIGURE['scale']:g},"
                 f"threshold={FIGURE['threshold']:g},warmup={FIGURE['warmup']}"
                 for text, reverse in zip(FIGURE["edits"], FIGURE["reverse"], strict=True)]

@@ -270,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sega_jax/assets/demo", help="the diffusers folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=16384, help="drawn scenes in the training set")
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=12000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="the UNet's and text encoder's peak learning rate")
     return p

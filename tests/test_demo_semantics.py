@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on a white background"
 N_SEEDS, SEED, STEPS = 8, 100, demo_figures.STEPS
 SWAP = dict(editing_prompt=["red", "blue"], reverse_editing_direction=[True, False])
-# one concept, the colour the shape has; settings other than scale and threshold as EDIT's
+# one concept, the colour the shape has, from step 2 (the README's swap starts at step 4: this model lays
+# the shape out in its first steps, and one reversed concept needs the earlier start to leave red)
 AWAY_FROM_RED = dict(editing_prompt=["red"], reverse_editing_direction=[True], edit_guidance_scale=15.0,
-                     edit_threshold=0.5, edit_warmup_steps=demo_figures.FIGURE_CALL["edit_warmup_steps"])
+                     edit_threshold=0.5, edit_warmup_steps=2)
 EDIT = dict(SWAP, **{k: v for k, v in demo_figures.FIGURE_CALL.items() if k not in SWAP})
 BACK = dict(EDIT, reverse_editing_direction=[False, True])  # toward red, away from blue
 RED, BLUE = (np.asarray(demo.COLOURS[c], np.float32) for c in ("red", "blue"))

@@ -14,8 +14,8 @@ Stable Diffusion's DDIM scheduler config, so `load_pipeline(folder)` (and diffus
    (classifier-free guidance), EMA weights written out. The text encoder trains only the token embeddings
    its captions use (a compact table); the other rows of the 49,408-token table keep their initial draw.
 
-The shipped model: `--vae-steps 1500 --unet-steps 6000` (2826 s on the idle 2-core VM, 2026-12-02; eps
-MSE 0.062); its figures are in BENCHMARKS.md section 9.
+The shipped model: the defaults, `--vae-steps 1500 --unet-steps 12000` (3035 s on the idle 2-core VM,
+2026-12-03; eps MSE 0.051); its figures are in BENCHMARKS.md section 9.
 
 Everything is drawn from `--seed` (numpy for the data and the initial weights, jax.random for the noise),
 so two runs on one machine write the same weights.

@@ -1,34 +1,27 @@
 # ruff: noqa: F811
-"""PENDING (issue 18), not collected by pytest (run it by path): what the shipped demo model (trained
-2026-12-02, 1500 VAE + 6000 UNet steps) does not do yet, each with what it measured. Move a test into
-tests/test_demo_semantics.py when a retrained model passes it. The reverse and threshold tests moved there
-(2026-12-02): the reverse test now reverses the colour the shape has, and the threshold test measures the
-guided latent share and the mean change per pixel, not the count of pixels changed by > 40 levels.
+"""PENDING (issue 18), not collected by pytest (run it by path): what the shipped demo model does not do
+yet, each with what it measured. Move a test into tests/test_demo_semantics.py when a model passes it.
 
 Drawn images (`SCENES`): a large red square (white, top left), a large red triangle (white, bottom right), a
 large red star (gray, center), a small red circle (black, top right). The edit: SEGA's swap, away from "red"
-and toward "blue". Layout kept: the shape mask's IoU with the drawing's > 0.7. Both inversions reconstruct
-the drawings (no edit: IoU 0.90-1.00, background mean |change| <= 3.6 levels); the edit breaks the layout.
+and toward "blue". Layout kept: the shape mask's IoU with the drawing's > 0.7.
 
-- LEDITS++ (2026-12-02): 3 inversion seeds x 4 scenes = 12 edits per setting, `use_intersect_mask=False`
-  (this 2-level UNet has no cross-attention at 1/4 of the latent size). The source prompt (the caption)
-  makes it worse: the edit's unconditional estimate is not the inversion's source-guided one (diffusers'
-  design), and the drawings drift (background mean |change| 100-120 levels at skip 0.1; the old test's IoU
-  0.26 on the square). With source "": scale 8 / threshold 0.8 (the README edit's settings): blue 12/12,
-  layout 0/12 (the shape becomes a circle). Best settings, blue and layout kept: skip 0.3, scale 2,
-  threshold 0.9 (below): 12/12 and 3/12; threshold 0.95: 10/12 and 4/12; skip 0.5, scale 2, threshold
-  0.95: 9/12 and 5/12; warmup 3 or 6 steps: <= 4/12. Inversion seed 1 fails on all four scenes; the small
-  circle on black loses its place (IoU ~0) in 11 of 12.
-- Null-text inversion (`pipe.invert(..., method="null-text")`, each drawing with its caption, guidance 7.5,
-  25 steps, 10 inner steps; last-step losses 2e-3-1e-2), then `pipe(caption, inversion=inv, ...)`: SEGA swap
-  scale 8, threshold 0.8, warmup 5 (below): blue 4/4, IoU 0.68 / 0.74 / 0.50 / 0.86. Warmup 2: blue 4/4,
-  IoU 0.12 / 0.73 / 0.53 / 0.75; warmup 8 or 12: fewer blue (3-4/4) and IoU 0.07-0.84; scale 15: blue 4/4,
-  IoU 0.22-0.64.
-- quality: "a large yellow star on a gray background" 66% of 50 seeds (colour 100%, shape 66%); the other
-  seven prompts 94-100%. Needs a retrained model (not retrained here: the CPU is shared).
+Retrained model (2026-12-03, 1500 VAE + 12000 UNet steps), grids of `python3 -m pytest
+tests/demo_semantics_pending.py -s` variants:
+- LEDITS++ (source prompt "", 25 steps, 3 inversion seeds x 4 scenes = 12 edits per setting, no intersect
+  mask: this 2-level UNet has no cross-attention at 1/4 of the latent size): skip 0.2 / 0.3 / 0.5 x scale
+  2 / 4 / 6 x threshold 0.8 / 0.9 / 0.95: blue 9-12 of 12 everywhere, layout kept in at most 5 of 12 (skip
+  0.2-0.5, scale 2, threshold 0.95); the star on gray and the small circle on black lose their place
+  (IoU 0-0.5) in almost every setting. The test's settings (skip 0.3, scale 2, threshold 0.9): 12/12 blue,
+  3/12 layout.
+- Null-text inversion (each drawing with its caption, guidance 7.5, 25 steps), then `pipe(caption,
+  inversion=inv, ...)` with the swap: scale 6 / 8 / 12 x threshold 0.8 / 0.9 x warmup 4 / 6 / 8 / 10. The
+  square, triangle and small circle keep their layout and turn blue at scale 8, threshold 0.9, warmup 4-8
+  (IoU 0.73-0.89); the star on gray stays red there (IoU 0.17-0.23) and, where it turns blue (scale 12),
+  loses its shape (IoU 0.14-0.71, with the square or triangle then below 0.7). The test's settings (scale 8,
+  threshold 0.8, warmup 5) before the retraining: IoU 0.68 / 0.74 / 0.50 / 0.86; warmup 4 after it: 0.33 /
+  0.58 / 0.50 / 0.65, all blue.
 """
-
-import time
 
 import numpy as np
 import pytest
@@ -91,12 +84,3 @@ def test_null_text_inversion_changes_a_drawn_shape_colour_and_keeps_the_layout(p
     print(f"null-text: {colours}, shape IoU {np.round(ious, 2).tolist()}")
     assert colours == ["blue"] * len(SCENES), colours
     assert min(ious) > 0.7, ious
-
-
-def test_generation_quality_80_percent_of_50_seeds(pipe):
-    start = time.perf_counter()
-    results = demo_figures.quality(pipe, 50)
-    print(f"\n{50} seeds per prompt ({time.perf_counter() - start:.0f} s):")
-    for prompt, r in results.items():
-        print(f"  {prompt:45s} colour {r['colour']:.0%}  shape {r['shape']:.0%}  both {r['both']:.0%}")
-    assert all(r["both"] >= 0.8 for r in results.values()), results

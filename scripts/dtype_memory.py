@@ -1,12 +1,18 @@
 """Resident memory of a SEGA run per weight dtype (issue 16): one fresh process per dtype, phase by phase.
 
     python3 scripts/dtype_memory.py FOLDER [--size 512] [--steps 2] [--concepts 2] [--dtypes float32 bfloat16]
+                                           [--cache DIR]
 
 FOLDER is a diffusers SD folder (e.g. the SD 1.5 architecture that `scripts/benchmark.py --save-folder`
 writes, fp32 on disk as diffusers saves it). Each process loads the pipeline in one dtype and calls it twice
-(the first call compiles). Per phase it prints the process's peak resident memory (VmHWM, reset between
-phases through /proc/self/clear_refs, so no sampling is missed) and what stays resident after it (anonymous
-memory and mapped file pages apart), then the ratio of each dtype's peaks to fp32's.
+(the first call compiles unless `--cache` holds its programs). Per phase it prints the process's peak
+resident memory (VmHWM, reset between phases through /proc/self/clear_refs, so no sampling is missed) and
+what stays resident after it (anonymous memory and mapped file pages apart), then the ratio of each dtype's
+peaks to fp32's.
+
+By default the compilation cache is off, so the first call compiles in the process (XLA's compiler heap is in
+its peak). `--cache DIR` uses DIR as the cache (the library's default is a cache on): run it twice, and the
+second run's processes load their programs from DIR, as a user's second session does.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def measure(folder: str, dtype: str, size: int, steps: int, concepts: int) -> di
                   editing_prompt=CONCEPTS[:concepts] or None, edit_warmup_steps=[1] * concepts,
                   edit_guidance_scale=[5.0] * concepts, edit_threshold=[0.95] * concepts,
                   output_type="latent")
-    phase("first call (compiles)", lambda: pipe(**kwargs).images)
+    phase("first call", lambda: pipe(**kwargs).images)
     phase("second call", lambda: pipe(**kwargs).images)
     return phases
 
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--concepts", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cache", default="off", help="the compilation cache folder (default: off)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run([sys.executable, __file__, args.folder, "--size", str(args.size), "--steps",
                               str(args.steps), "--concepts", str(args.concepts), "--child", dtype],
                              check=True, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "SEGA_JAX_CACHE_DIR": "off"}).stdout
+                             env={**os.environ, "SEGA_JAX_CACHE_DIR": args.cache}).stdout
         results[dtype] = json.loads(out.strip().splitlines()[-1])
         print(f"\n{dtype}: phase peak / resident after (anonymous + file pages), MB")
         for name, p in results[dtype].items():

@@ -1,7 +1,7 @@
 """The demo model's groundwork (issue 18): the pixel classifier of `sega_jax.demo` reads drawn scenes, and
 scripts/train_demo.py is reproducible from its seed. No torch: this runs in both CI legs. What the shipped
-model's edits do: tests/test_demo_semantics.py (and, not collected, tests/demo_semantics_pending.py: what it
-does not do yet).
+model's edits do: tests/test_demo_semantics.py and, on drawn images after inversion,
+tests/test_demo_inversion.py.
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ The base is `PROMPT` on `N_SEEDS` seeds in one batch. The edit is SEGA's attribu
 away from "red" and toward "blue" (`EDIT`); every edit reuses one compiled program (two concepts, `STEPS`
 steps), since edit settings are traced inputs; the reverse test adds the one-concept program.
 
-Measured and still failing (tests/demo_semantics_pending.py): LEDITS++ and null-text inversion keeping a
-drawn shape's layout.
+Editing drawn images after inversion (LEDITS++, null-text): tests/test_demo_inversion.py.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import pytest
 
 from scripts import demo_figures
 from sega_jax import LEditsPPPipelineStableDiffusion, demo
+from tests.test_demo_semantics import to_uint8
 
 STEPS = 25
 SCENES = [demo.Scene("square", "red", "white", "large", "top left"),
@@ -34,15 +35,12 @@ def drawn(scene: demo.Scene) -> np.ndarray:
     return demo.draw(scene).astype(np.float32)[None] / 255.0
 
 
-def colour_and_iou(scene: demo.Scene, edited: np.ndarray) -> tuple[str | None, float]:
-    """The edited shape's colour and its mask's IoU with the drawing's."""
-    image = edited_uint8(edited)
+def edit_result(scene: demo.Scene, edited: np.ndarray) -> tuple[str | None, float, np.ndarray, np.ndarray]:
+    """The edited shape's colour, its mask's IoU with the drawing's, and both masks (drawn, edited)."""
+    image = to_uint8(edited)[0]
     before, after = demo.shape_mask(demo.draw(scene)), demo.shape_mask(image)
-    return demo.classify(image)["colour"], float((before & after).sum() / (before | after).sum())
-
-
-def edited_uint8(edited: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(edited)[0] * 255.0), 0, 255).astype(np.uint8)
+    iou = float((before & after).sum() / (before | after).sum())
+    return demo.classify(image)["colour"], iou, before, after
 
 
 def test_null_text_inversion_edit_turns_drawn_shapes_blue_and_keeps_their_layout():
@@ -57,7 +55,7 @@ def test_null_text_inversion_edit_turns_drawn_shapes_blue_and_keeps_their_layout
                    output_type="np", editing_prompt=[scene.caption(), blue_caption(scene)],
                    reverse_editing_direction=[True, False], edit_guidance_scale=[8.0, 5.0],
                    edit_threshold=0.9, edit_warmup_steps=4)
-        results.append(colour_and_iou(scene, out.images))
+        results.append(edit_result(scene, out.images)[:2])
     print("null-text edits (colour, IoU):", [(c, round(i, 2)) for c, i in results])
     assert [colour for colour, _ in results] == ["blue"] * len(SCENES), results
     assert min(iou for _, iou in results) > 0.7, results
@@ -84,13 +82,12 @@ def test_ledits_edit_turns_drawn_shapes_blue_and_keeps_their_layout(editor):
             editor.invert(drawn(scene), source_prompt="", num_inversion_steps=STEPS, skip=0.3, seed=seed)
             out = editor(editing_prompt=[blue_caption(scene)], edit_guidance_scale=8.0, edit_threshold=0.95,
                          edit_warmup_steps=2, use_intersect_mask=False, output_type="np")
-            colour, iou = colour_and_iou(scene, out.images)
+            colour, iou, before, after = edit_result(scene, out.images)
             results.append((scene.shape, colour, round(iou, 2)))
             assert colour == "blue", results
             if scene.shape != "circle":
                 assert iou > 0.7, results
                 continue
-            before, after = demo.shape_mask(demo.draw(scene)), demo.shape_mask(edited_uint8(out.images))
             rows = np.nonzero(after)[0]
             assert 0.5 < after.sum() / before.sum() < 2.0, (results, int(after.sum()), int(before.sum()))
             assert rows.mean() < 0.5 * after.shape[0], (results, rows.mean())

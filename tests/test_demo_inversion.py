@@ -19,7 +19,7 @@ from scripts import demo_figures
 from sega_jax import LEditsPPPipelineStableDiffusion, demo
 from tests.test_demo_semantics import to_uint8
 
-STEPS = 25
+STEPS, GUIDANCE = demo_figures.STEPS, demo_figures.GUIDANCE  # 25, 7.5: what was measured
 SCENES = [demo.Scene("square", "red", "white", "large", "top left"),
           demo.Scene("triangle", "red", "white", "large", "bottom right"),
           demo.Scene("star", "red", "gray", "large", "center"),
@@ -50,9 +50,10 @@ def test_null_text_inversion_edit_turns_drawn_shapes_blue_and_keeps_their_layout
     results = []
     for scene in SCENES:
         inversion = pipe.invert(drawn(scene), prompt=scene.caption(), num_inference_steps=STEPS,
-                                guidance_scale=7.5, method="null-text")
-        out = pipe(prompt=scene.caption(), num_inference_steps=STEPS, guidance_scale=7.5, inversion=inversion,
-                   output_type="np", editing_prompt=[scene.caption(), blue_caption(scene)],
+                                guidance_scale=GUIDANCE, method="null-text")
+        out = pipe(prompt=scene.caption(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   inversion=inversion, output_type="np",
+                   editing_prompt=[scene.caption(), blue_caption(scene)],
                    reverse_editing_direction=[True, False], edit_guidance_scale=[8.0, 5.0],
                    edit_threshold=0.9, edit_warmup_steps=4)
         results.append(edit_result(scene, out.images)[:2])

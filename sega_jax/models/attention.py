@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sega_jax.models.placement import map_into
+
 Array = jax.Array
 
 IMPLEMENTATIONS = ("xla", "chunked", "batched", "cudnn")
@@ -173,9 +175,17 @@ def batched_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
     out_dtype = jnp.result_type(q.dtype, v.dtype)
     heads_first = lambda t: jnp.swapaxes(t, 1, 2)
     qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
-    if q.dtype == _F32:  # fp32: fold the scale into q, as the chunked backend
-        qt, scale = qt * scale, 1.0
-    scores = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=_F32) * scale
+    if q.dtype == _F32 or _platform() == "cpu":
+        # Fold the scale into the shorter of q and k (in fp32 for half precision on CPU, where XLA computes
+        # these products in fp32 anyway). A scale applied to the scores or to a long q became a broadcast
+        # operand of XLA:CPU's fused kernel, materialised at that size, shared by every call of that shape
+        # and held for the whole program (60 MB for SD 1.5 at 64x64 latents; BENCHMARKS.md, section 1i).
+        qt, kt = qt.astype(_F32), kt.astype(_F32)
+        qt, kt = (qt, kt * scale) if kt.shape[2] <= qt.shape[2] else (qt * scale, kt)
+        scale = 1.0
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=_F32)
+    if scale != 1.0:
+        scores = scores * scale
     if mask is not None:
         scores = jnp.where(mask, scores, _NEG)
     probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -281,11 +291,12 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
             (o, _, denom), _ = lax.scan(step, init, jnp.arange(nk))
             return o / denom
 
-        return lax.map(per_query_chunk, jnp.arange(nq))  # (nq, qc, d)
+        return lax.map(per_query_chunk, jnp.arange(nq)).astype(out_dtype)  # (nq, qc, d)
 
-    out = lax.map(per_head, jnp.arange(bh))  # (bh, nq, qc, d)
-    out = out.reshape(bh, lq_p, d)[:, :lq].reshape(b, h, lq, d)
-    return jnp.swapaxes(out, 1, 2).astype(out_dtype)
+    out = map_into(per_head, bh, (nq, qc, vt.shape[-1]), out_dtype, start_after=qt)  # (bh, nq, qc, d)
+    out = out.reshape(bh, lq_p, -1)[:, :lq].reshape(b, h, lq, -1)
+    return jnp.swapaxes(out, 1, 2)
+
 
 
 def cudnn_attention(q: Array, k: Array, v: Array) -> Array:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from sega_jax import xla_options
 from sega_jax.models.attention import dot_product_attention
+from sega_jax.models.placement import opaque_zero
 
 Array = jax.Array
 
@@ -33,12 +34,6 @@ def _accumulator(dtype) -> jnp.dtype:
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
-def _opaque_zero(x: Array) -> Array:
-    """0.0 (fp32) computed from `x` in a way XLA cannot fold: clz of 32 bits is at most 32, so >> 6 is 0."""
-    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
-    return (jax.lax.clz(bits) >> 6).astype(jnp.float32)
-
-
 def fp32_at_use(w: Array, x: Array) -> Array:
     """`w` upcast to fp32 where it meets the activation `x`. XLA:CPU computes half-precision convolutions
     (and matrix-vector products) in fp32 and upcasts their weights itself; inside the SEGA `lax.scan` those
@@ -47,10 +42,10 @@ def fp32_at_use(w: Array, x: Array) -> Array:
     section 1f), or scheduled them all at once. Adding a zero that depends on `x` makes each upcast one
     fused pass that runs just before its use, into a buffer that is reused (with `xla_options`'s
     half-precision options, which keep XLA from hoisting the convert alone). The values are exact."""
-    return w.astype(jnp.float32) + _opaque_zero(x)
+    return w.astype(jnp.float32) + opaque_zero(x)
 
 
-def _upcast_at_use(dtype, rows: int | None = None) -> bool:
+def upcast_at_use(dtype, rows: int | None = None) -> bool:
     """Whether a half-precision op is computed in fp32 with `fp32_at_use`: on XLA:CPU, what it has no
     half-precision kernel for: convolutions (rows None), bf16 matrix-vector products (rows 1) and every
     fp16 product."""
@@ -63,10 +58,10 @@ def _upcast_at_use(dtype, rows: int | None = None) -> bool:
 def half_precision_dot(x: Array, w: Array) -> Array:
     """x @ w in w's dtype. Half-precision operands accumulate in fp32 (`preferred_element_type`): XLA:CPU
     runs bf16 -> fp32 matrix products natively (2-3x faster than bf16 -> bf16) and rounds once; what it
-    upcasts (`_upcast_at_use`) is computed in fp32 from `fp32_at_use` weights. fp32 is unchanged."""
+    upcasts (`upcast_at_use`) is computed in fp32 from `fp32_at_use` weights. fp32 is unchanged."""
     dtype = w.dtype
     x = x.astype(dtype)
-    if _upcast_at_use(dtype, math.prod(x.shape[:-1])):
+    if upcast_at_use(dtype, math.prod(x.shape[:-1])):
         x, w = x.astype(jnp.float32), fp32_at_use(w, x)
     return jnp.matmul(x, w, preferred_element_type=_accumulator(dtype)).astype(dtype)
 
@@ -74,7 +69,7 @@ def half_precision_dot(x: Array, w: Array) -> Array:
 def _convolution(x: Array, w: Array, stride: int, padding) -> Array:
     dtype = w.dtype
     x = x.astype(dtype)
-    if _upcast_at_use(dtype):
+    if upcast_at_use(dtype):
         x, w = x.astype(jnp.float32), fp32_at_use(w, x)
     return jax.lax.conv_general_dilated(
         x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),

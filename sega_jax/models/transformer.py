@@ -8,6 +8,7 @@ from flax import nnx
 
 from sega_jax.models.attention import attention_probabilities
 from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, tile_batch
+from sega_jax.models.placement import map_into
 
 Array = jax.Array
 
@@ -38,7 +39,8 @@ class FeedForward(nnx.Module):
         # rows at 64x64 latents, plus its bf16 copy in half precision). Rows are independent: exact.
         lead, tokens, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
         parts = jnp.moveaxis(x.reshape(*lead, chunks, tokens // chunks, dim), -3, 0)
-        out = jax.lax.map(lambda part: self.net[2](self.net[0](part)), parts)
+        out = map_into(lambda i: self.net[2](self.net[0](parts[i])), chunks, parts.shape[1:], x.dtype,
+                       start_after=x)
         return jnp.moveaxis(out, 0, -3).reshape(x.shape)
 
 

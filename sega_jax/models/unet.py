@@ -18,7 +18,9 @@ from sega_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     tile_batch,
+    upcast_at_use,
 )
+from sega_jax.models.placement import computed_after
 from sega_jax.models.transformer import Transformer2DModel
 
 Array = jax.Array
@@ -202,6 +204,8 @@ class UpBlock(nnx.Module):
         for j, resnet in enumerate(self.resnets):
             skip = skips.pop()
             # x has met the contexts (the mid block cross-attends); skips from before that are tiled to it.
+            if upcast_at_use(skip.dtype):  # upcast for norm1 where it is used, not held in fp32 till then
+                skip = computed_after(skip, x)
             skip = tile_batch(skip, x.shape[0]).astype(x.dtype)
             x = resnet(jnp.concatenate([x, skip], axis=-1), temb)
             if self.attentions is not None:

@@ -13,10 +13,12 @@ backend (users may still set flags or call `jax.distributed.initialize` first).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
 import platform
+import sys
 from collections.abc import Callable
 
 import jax
@@ -45,7 +47,8 @@ def upcasts_half_precision() -> bool:
 def compiler_options(half_precision: bool = False) -> dict[str, str]:
     """The options sega-jax's programs compile with here: `CPU_OPTIONS` on an x86-64 CPU backend whose XLA
     accepts them, plus `HALF_PRECISION_CPU_OPTIONS` for a program with half-precision arrays on a CPU
-    backend; else none."""
+    backend; else none. (Also starts `release_compiler_memory`, once.)"""
+    release_compiler_memory()
     if os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
         return {}
     options = {}
@@ -92,3 +95,39 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
 
     call.lower = lambda *args, **kwargs: program(args, kwargs).lower(*args, **kwargs)
     return call
+
+
+# After XLA compiles (or loads from the cache) a big program, glibc keeps the compiler's freed heap resident,
+# and the program's run then allocates its buffers on top: the SD 1.5 SEGA loop's first call peaked 350 MB
+# above its compile (BENCHMARKS.md, section 1i). Returning the free heap to the OS once such a compile ends
+# (`malloc_trim`, tens of ms) lets the run reuse those pages. Programs compiled in less than this are left be.
+RELEASE_ENV_VAR = "SEGA_JAX_RELEASE_COMPILER_MEMORY"
+RELEASE_AFTER_SECONDS = 0.25
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None (another C library, another OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def release_compiler_memory() -> bool:
+    """Return the heap XLA's compiler freed to the OS after each compile that took at least
+    `RELEASE_AFTER_SECONDS` (a `jax.monitoring` listener, registered once; glibc only). Whether it is on:
+    `SEGA_JAX_RELEASE_COMPILER_MEMORY=0` turns it off."""
+    trim = _malloc_trim()
+    if trim is None or os.environ.get(RELEASE_ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == _COMPILE_EVENT and duration >= RELEASE_AFTER_SECONDS:
+            trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return True

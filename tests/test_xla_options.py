@@ -153,3 +153,43 @@ def test_our_jitted_programs_carry_the_options_and_other_code_does_not(tmp_path)
     options, hlo = program("others_conv")
     assert "ynn_fusion_type" not in options
     assert _ynn_convolutions(hlo) == (1, 1)  # XLA's default here: its convolution goes to YNNPACK
+
+
+def _listener_with(monkeypatch, env: str | None = None):
+    """`release_compiler_memory()` run afresh with a recording `malloc_trim`: (enabled, listeners, trims)."""
+    trims, listeners = [], []
+    monkeypatch.setattr(xla_options, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(jax.monitoring, "register_event_duration_secs_listener", listeners.append)
+    if env is None:
+        monkeypatch.delenv(xla_options.RELEASE_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(xla_options.RELEASE_ENV_VAR, env)
+    xla_options.release_compiler_memory.cache_clear()
+    try:
+        return xla_options.release_compiler_memory(), listeners, trims
+    finally:
+        xla_options.release_compiler_memory.cache_clear()
+
+
+def test_compiler_memory_is_returned_after_long_compiles_only(monkeypatch):
+    enabled, listeners, trims = _listener_with(monkeypatch)
+    assert enabled and len(listeners) == 1
+    listen = listeners[0]
+    listen("/jax/core/compile/backend_compile_duration", 0.01)  # a small program: not worth a trim
+    listen("/jax/core/compile/jaxpr_trace_duration", 30.0)  # not a compile
+    assert trims == []
+    listen("/jax/core/compile/backend_compile_duration", 11.3)
+    assert trims == [0]
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_env_var_keeps_the_compiler_memory_listener_off(monkeypatch, value):
+    enabled, listeners, _ = _listener_with(monkeypatch, value)
+    assert not enabled and listeners == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_the_listener_is_installed_with_the_first_compile_options_and_trims_for_real():
+    xla_options.compiler_options()
+    assert xla_options.release_compiler_memory()  # cached: registered once, by compiler_options
+    assert xla_options._malloc_trim()(0) in (0, 1)

@@ -44,7 +44,9 @@ class FeedForward(nnx.Module):
         return jnp.moveaxis(out, 0, -3).reshape(x.shape)
 
 
-FEED_FORWARD_CHUNK = 1024
+# 512 rather than 1024 tokens: SD 1.5's loop temporaries at 512 px fp16 333 -> 234 MB (XLA:CPU upcasts the
+# fp16 GEGLU output for its fp32 dot), bf16 194 -> 190, fp32 270 -> 246 (BENCHMARKS.md, section 1i).
+FEED_FORWARD_CHUNK = 512
 
 
 def feed_forward_chunks(tokens: int) -> int:

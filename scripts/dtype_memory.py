@@ -68,6 +68,14 @@ def measure(folder: str, dtype: str, size: int, steps: int, concepts: int) -> di
     return phases
 
 
+def _child_env(cache: str) -> dict[str, str]:
+    """The child's environment: this checkout's `sega_jax` first on its path (not an older installed copy,
+    which measured stale code once: BENCHMARKS.md, section 1i) and the compilation cache folder."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "SEGA_JAX_CACHE_DIR": cache, "PYTHONPATH": path}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder")
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run([sys.executable, __file__, args.folder, "--size", str(args.size), "--steps",
                               str(args.steps), "--concepts", str(args.concepts), "--child", dtype],
                              check=True, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "SEGA_JAX_CACHE_DIR": args.cache}).stdout
+                             env=_child_env(args.cache)).stdout
         results[dtype] = json.loads(out.strip().splitlines()[-1])
         print(f"\n{dtype}: phase peak / resident after (anonymous + file pages), MB")
         for name, p in results[dtype].items():

@@ -298,7 +298,6 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
     return jnp.swapaxes(out, 1, 2)
 
 
-
 def cudnn_attention(q: Array, k: Array, v: Array) -> Array:
     """cuDNN flash attention (fp16/bf16 in, fp32 softmax inside cuDNN)."""
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")

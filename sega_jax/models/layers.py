@@ -16,7 +16,7 @@ from flax import nnx
 
 from sega_jax import xla_options
 from sega_jax.models.attention import dot_product_attention
-from sega_jax.models.placement import opaque_zero
+from sega_jax.models.placement import computed_after
 
 Array = jax.Array
 
@@ -39,10 +39,10 @@ def fp32_at_use(w: Array, x: Array) -> Array:
     (and matrix-vector products) in fp32 and upcasts their weights itself; inside the SEGA `lax.scan` those
     upcasts are loop-invariant, so XLA hoisted them out of the loop and held an fp32 copy of every conv
     weight for the whole loop (+2.2 GB for SD 1.5 in bf16, more than the bf16 weights themselves; BENCHMARKS
-    section 1f), or scheduled them all at once. Adding a zero that depends on `x` makes each upcast one
-    fused pass that runs just before its use, into a buffer that is reused (with `xla_options`'s
+    section 1f), or scheduled them all at once. Tying it to `x` (`placement.computed_after`) makes each
+    upcast one fused pass that runs just before its use, into a buffer that is reused (with `xla_options`'s
     half-precision options, which keep XLA from hoisting the convert alone). The values are exact."""
-    return w.astype(jnp.float32) + opaque_zero(x)
+    return computed_after(w.astype(jnp.float32), x)
 
 
 def upcast_at_use(dtype, rows: int | None = None) -> bool:

@@ -37,5 +37,5 @@ def map_into(fn: Callable[[Array], Array], n: int, shape: tuple[int, ...], dtype
     shares between every map of that shape and copies per map, and it made those copies early: SD 1.5's
     UNet held each 4096-token attention's and feed-forward's output buffer from the down path to its use in
     the up path. Every row is written, so the buffer's starting values do not matter."""
-    out = jnp.zeros((n, *shape), dtype) * start_after.reshape(-1)[0].astype(dtype)
+    out = computed_after(jnp.zeros((n, *shape), dtype), start_after)
     return lax.fori_loop(0, n, lambda i, out: lax.dynamic_update_index_in_dim(out, fn(i), i, 0), out)

@@ -121,8 +121,9 @@ def test_half_precision_within_bound(dtype, b, lq, lk, h, d, qc, kc):
     out = _chunked(q, k, v, q_chunk=qc, k_chunk=kc)
     assert out.dtype == dtype
     err, plain_err = max_rel_diff(out, exact), max_rel_diff(plain, exact)
-    # Output rounding (2**-8 relative for bf16) plus probabilities cast to half for PV, as in the plain path
-    # (measured: chunked 2.8e-3..3.9e-3 vs plain 3.1e-3..4.7e-3 for bf16, 4.3e-4 vs 5.4e-4 for fp16).
+    # Output rounding (2**-8 relative for bf16) plus, in the plain path (and chunked off CPU), probabilities
+    # cast to half for PV (measured before CPU's fp32 PV: chunked 2.8e-3..3.9e-3 vs plain 3.1e-3..4.7e-3 for
+    # bf16, 4.3e-4 vs 5.4e-4 for fp16).
     assert err < 1e-2 and err <= 1.5 * plain_err, (err, plain_err)
 
 
@@ -134,6 +135,20 @@ def test_batched_half_precision_within_bound(dtype):
     assert out.dtype == dtype
     err, plain_err = max_rel_diff(out, exact), max_rel_diff(plain, exact)
     assert err < 1e-2 and err <= 1.5 * plain_err, (err, plain_err)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fp32 PV product of XLA:CPU")
+@pytest.mark.parametrize("backend, lk", [(_chunked, 1000), (_batched, 77)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cpu_half_precision_attention_rounds_only_its_output(backend, lk, dtype):
+    q, k, v = _qkv(13, 2, 1000, lk, 2, 40, dtype)
+    exact = np.asarray(_xla(*(t.astype(jnp.float32) for t in (q, k, v))), np.float64)
+    got = np.asarray(backend(q, k, v).astype(jnp.float32), np.float64)
+    # At most one rounding of the exact result (unit roundoff u) plus fp32 noise; probabilities rounded for
+    # the PV product too, as the plain path does, measured 1.1e-4 (fp16) .. 1.2e-3 (bf16) beyond it.
+    u = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
+    excess = float((np.abs(got - exact) - u * np.abs(exact)).max() / np.abs(exact).max())
+    assert excess <= 1e-5
 
 
 def test_dispatcher_under_jit_picks_chunked_for_long_sequences():

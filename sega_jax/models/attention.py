@@ -155,6 +155,14 @@ def select_implementation(q_shape, k_shape, dtype, *, has_mask: bool = False, pl
     return "batched" if platform == "cpu" else "xla"
 
 
+def _pv_dtype(v_dtype) -> jnp.dtype:
+    """The dtype the probabilities and v meet in for the PV product: v's (the plain path's choice, what half-
+    precision matrix units want), except on CPU, where XLA computes half-precision products in fp32 anyway
+    and casting each (queries, keys) probability tile was a pass of its own (the tiny UNet's bf16 loop: 7 of
+    its 75 ms per step). There fp32 probabilities meet v upcast, and are rounded nowhere."""
+    return _F32 if _platform() == "cpu" else jnp.dtype(v_dtype)
+
+
 def xla_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None) -> Array:
     """The plain formulation: full fp32 scores, fp32 softmax, probabilities cast to v's dtype for PV."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -190,7 +198,9 @@ def batched_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
         scores = jnp.where(mask, scores, _NEG)
     probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
     denom = probs.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vt, preferred_element_type=_F32) / denom
+    pv_dtype = _pv_dtype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(pv_dtype), vt.astype(pv_dtype),
+                     preferred_element_type=_F32) / denom
     return heads_first(out).astype(out_dtype)
 
 
@@ -259,8 +269,11 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
             s = jnp.where(kj * kc + lax.broadcasted_iota(jnp.int32, (1, kc), 1) < lk, s, -jnp.inf)
         return s
 
+    pv_dtype = _pv_dtype(v.dtype)
+
     def pv(p: Array, vb: Array) -> Array:
-        return lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+        return lax.dot_general(p.astype(pv_dtype), vb.astype(pv_dtype), (((1,), (0,)), ((), ())),
+                               preferred_element_type=_F32)
 
     def per_head(i):
         k_i, v_i = kt[i], vt[i]

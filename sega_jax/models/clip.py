@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sega_jax.models.attention import dot_product_attention
-from sega_jax.models.layers import Embedding, LayerNorm, Linear
+from sega_jax.models.layers import Embedding, LayerNorm, Linear, gelu
 from sega_jax.weights import WeightLoadError, load_model, read_json, resolve_dtype
 
 Array = jax.Array
@@ -51,7 +51,7 @@ def _quick_gelu(x: Array) -> Array:
 
 ACTIVATIONS = {
     "quick_gelu": _quick_gelu,                                   # SD 1.x (OpenAI CLIP ViT-L/14)
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),         # SD 2.x (OpenCLIP ViT-H/14), exact erf
+    "gelu": gelu,                                                # SD 2.x (OpenCLIP ViT-H/14), exact erf
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),      # tanh approximation
 }
 

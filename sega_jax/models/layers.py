@@ -55,26 +55,80 @@ def upcast_at_use(dtype, rows: int | None = None) -> bool:
     return rows in (None, 1) or dtype == jnp.float16
 
 
+def _operand(x: Array, dtype, upcast: bool) -> Array:
+    """A product's activation operand: in `dtype`, or in fp32 where the product is computed in fp32
+    (`upcast_at_use`), unrounded: rounding it to half precision first would only cost a convert pair per
+    element and precision (an fp32 SiLU(GroupNorm) output meets its 3x3 convolution so on CPU)."""
+    return x.astype(jnp.float32) if upcast else x.astype(dtype)
+
+
 def half_precision_dot(x: Array, w: Array) -> Array:
-    """x @ w in w's dtype. Half-precision operands accumulate in fp32 (`preferred_element_type`): XLA:CPU
-    runs bf16 -> fp32 matrix products natively (2-3x faster than bf16 -> bf16) and rounds once; what it
+    """x @ w with w's dtype's accumulator: fp32 for half-precision operands (`preferred_element_type`; XLA:CPU
+    runs bf16 -> fp32 matrix products natively, 2-3x faster than bf16 -> bf16), not yet rounded; what it
     upcasts (`upcast_at_use`) is computed in fp32 from `fp32_at_use` weights. fp32 is unchanged."""
     dtype = w.dtype
-    x = x.astype(dtype)
-    if upcast_at_use(dtype, math.prod(x.shape[:-1])):
-        x, w = x.astype(jnp.float32), fp32_at_use(w, x)
-    return jnp.matmul(x, w, preferred_element_type=_accumulator(dtype)).astype(dtype)
+    upcast = upcast_at_use(dtype, math.prod(x.shape[:-1]))
+    x = _operand(x, dtype, upcast)
+    if upcast:
+        w = fp32_at_use(w, x)
+    return jnp.matmul(x, w, preferred_element_type=_accumulator(dtype))
+
+
+# Output channels per fp32 weight chunk of an upcast convolution: at most this many fp32 elements (32 MB).
+UPCAST_CHUNK_ELEMENTS = 2**23
+
+
+def _output_chunks(w_shape: tuple[int, ...], limit: int) -> list[tuple[int, int]]:
+    """[lo, hi) output-channel ranges of an HWIO weight with at most `limit` elements each, as even as
+    possible."""
+    out = w_shape[-1]
+    n = max(1, -(-math.prod(w_shape) // limit))
+    bounds = [round(i * out / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _convolution(x: Array, w: Array, stride: int, padding) -> Array:
     dtype = w.dtype
-    x = x.astype(dtype)
-    if upcast_at_use(dtype):
-        x, w = x.astype(jnp.float32), fp32_at_use(w, x)
-    return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    upcast = upcast_at_use(dtype)
+    x = _operand(x, dtype, upcast)
+    conv = lambda kernel: jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=_accumulator(dtype),
-    ).astype(dtype)
+    )
+    if not upcast:
+        return conv(w)
+    # The fp32 copy of a big weight (SD 1.5's 3x3 2560 -> 1280: 113 MB) was the loop's largest temporary:
+    # upcast and convolve a chunk of output channels at a time, each chunk's upcast made after the previous
+    # chunk's output, into the buffer the previous chunk freed.
+    outputs, anchor = [], x
+    for lo, hi in _output_chunks(w.shape, UPCAST_CHUNK_ELEMENTS):
+        anchor = conv(fp32_at_use(w[..., lo:hi], anchor))
+        outputs.append(anchor)
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+
+
+def _with_bias(y: Array, bias, dtype) -> Array:
+    """The accumulator `y` plus the bias, rounded once to `dtype`: torch's half-precision linear layers and
+    convolutions add their bias before rounding (addmm, oneDNN's fused bias). Rounding first added a convert
+    pair per element on XLA:CPU."""
+    if bias is not None:
+        y = y + bias[...].astype(y.dtype)
+    return y.astype(dtype)
+
+
+def silu(x: Array) -> Array:
+    """SiLU computed in fp32 and rounded once to `x`'s dtype, as torch's one-kernel `F.silu` does for half
+    precision. XLA rounds after each op of the composite form instead (five roundings), which on XLA:CPU
+    costs a convert pair per op (the tiny UNet's GroupNorm + SiLU fusions ran 2x slower in bf16)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU in fp32, rounded once to `x`'s dtype, in torch's form 0.5 x (1 + erf(x / sqrt 2)) (its
+    CPU and CUDA kernels'): 1.7x faster on XLA:CPU than `jax.nn.gelu`'s erfc form, which is more accurate
+    only where GELU is below 1e-6 in magnitude, and closer to torch there."""
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / math.sqrt(2))))).astype(x.dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -104,7 +158,7 @@ class Conv2d(nnx.Module):
             y = half_precision_dot(x, w[0, 0])
         else:
             y = _convolution(x, w, self.stride, self.padding)
-        return y if self.bias is None else y + self.bias[...]
+        return _with_bias(y, self.bias, w.dtype)
 
 
 class Linear(nnx.Module):
@@ -117,10 +171,11 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(_normal(rngs, (in_features, out_features), 1 / math.sqrt(in_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, out_dtype=None) -> Array:
+        """x @ weight + bias in the weights' dtype, or in `out_dtype` (fp32: the accumulator unrounded, for an
+        fp32 computation that follows)."""
         w = self.weight[...]
-        y = half_precision_dot(x, w)
-        return y if self.bias is None else y + self.bias[...]
+        return _with_bias(half_precision_dot(x, w), self.bias, out_dtype or w.dtype)
 
 
 class Embedding(nnx.Module):
@@ -147,7 +202,11 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_groups
         self.eps = eps
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, silu: bool = False) -> Array:
+        """GroupNorm(x) in the weights' dtype. With `silu`, SiLU(GroupNorm(x)) as the 3x3 convolution after it
+        takes it (every ResNet block, every model's head): computed in fp32 and rounded once, or not rounded
+        where XLA:CPU computes that convolution in fp32 anyway (`upcast_at_use`; torch rounds after the norm
+        and again after the SiLU)."""
         # Two-pass statistics like torch, but reduced per channel over the spatial axes first (channels
         # stay the minor, vectorised axis) and only then per group: 2-3x faster on CPU than reducing a
         # (..., groups, channels/group) view, same fp32 numerics.
@@ -164,7 +223,10 @@ class GroupNorm(nnx.Module):
         centred = x32 - group_mean(x32.sum(spatial))
         scale = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(spatial)) + self.eps)
         out = centred * (scale * self.weight[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
-        return out.astype(self.weight.dtype)
+        dtype = self.weight.dtype
+        if not silu:
+            return out.astype(dtype)
+        return jax.nn.silu(out).astype(jnp.float32 if upcast_at_use(dtype) else dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -226,10 +288,10 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
 
     def __call__(self, x: Array, temb: Array | None = None) -> Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + tile_batch(self.time_emb_proj(jax.nn.silu(temb)), h.shape[0])[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+            h = h + tile_batch(self.time_emb_proj(silu(temb)), h.shape[0])[:, None, None, :]
+        h = self.conv2(self.norm2(h, silu=True))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = shortcut.astype(h.dtype) + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor

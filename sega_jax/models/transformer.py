@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sega_jax.models.attention import attention_probabilities
-from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, tile_batch
+from sega_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Linear, gelu, tile_batch
 from sega_jax.models.placement import map_into
 
 Array = jax.Array
@@ -18,8 +18,11 @@ class GEGLU(nnx.Module):
         self.proj = Linear(dim, inner * 2, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)
+        # In fp32 from the projection's accumulator, rounded once (torch rounds the projection, the GELU and
+        # the product): each rounding inside this fusion cost XLA:CPU more than the GELU (bf16 2.4x slower
+        # than fp32 with all three, 0.93x with one).
+        hidden, gate = jnp.split(self.proj(x, out_dtype=jnp.float32), 2, axis=-1)
+        return (hidden * gelu(gate)).astype(self.proj.weight.dtype)
 
 
 class FeedForward(nnx.Module):

@@ -17,6 +17,7 @@ from sega_jax.models.layers import (
     Linear,
     ResnetBlock2D,
     Upsample2D,
+    silu,
     tile_batch,
     upcast_at_use,
 )
@@ -151,7 +152,7 @@ class TimestepEmbedding(nnx.Module):
         self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class DownBlock(nnx.Module):
@@ -314,8 +315,7 @@ class UNet2DConditionModel(nnx.Module):
             # Odd latent sizes: upsample to the next skip's size, as diffusers' `forward_upsample_size`.
             upsample = skips[-1].shape[1:3] if skips else None
             x = block(x, block_skips, temb, context, upsample, records["up"])
-        x = jax.nn.silu(self.conv_norm_out(x))
-        noise = tile_batch(self.conv_out(x), context.shape[0])
+        noise = tile_batch(self.conv_out(self.conv_norm_out(x, silu=True)), context.shape[0])
         if size is None:
             return noise
         grid = lambda p: p.reshape(p.shape[0], p.shape[1], *size, p.shape[-1])

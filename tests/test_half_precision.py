@@ -194,7 +194,7 @@ def test_sd15_loop_makes_its_temporaries_when_they_are_used():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_a_big_half_precision_conv_upcasts_its_weight_a_chunk_at_a_time(monkeypatch, dtype):
     """A weight over `UPCAST_CHUNK_ELEMENTS` is upcast and convolved a chunk of output channels at a time:
-    the fp32 copy held is one chunk's, not the weight's (SD 1.5's largest: 113 MB); the result is unchanged."""
+    the fp32 copy held is one chunk's, not the weight's (SD 1.5's largest: 113 MB); the same result."""
     conv = Conv2d(256, 384, 3, padding=1, dtype=dtype, rngs=nnx.Rngs(0))  # 885k weights: 3.4 MB in fp32
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 256)).astype(dtype)
     run = jax.jit(lambda v: conv(v))

@@ -1,0 +1,83 @@
+"""Our SEGA call per weight dtype, in one process, interleaved (issue 16: is bf16 slower than fp32 here?).
+
+    python3 scripts/dtype_speed.py [FOLDER] [--size 64] [--steps 20] [--concepts 4] [--rounds 20]
+                                   [--dtypes float32 bfloat16]
+
+FOLDER is a diffusers SD folder; without one, the benchmark's tiny model (`sega-jax bench --model tiny`) is
+built in a temporary folder. Each dtype's pipeline is loaded and called once (compiling), then the calls
+alternate between the dtypes for `--rounds` rounds, so that a slow stretch of a shared machine falls on
+every dtype alike (separate processes differed by up to 7% run to run on a 2-core VM). Prints each dtype's
+fastest and median call per denoising step (the whole call: text encoding, loop; `output_type="latent"`),
+and their ratios to the first dtype's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", nargs="?", help="diffusers SD folder (default: the tiny benchmark model)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--concepts", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    return parser.parse_args(argv)
+
+
+def timed_calls(folder: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    from sega_jax import SemanticStableDiffusionPipeline
+    from sega_jax.benchmark import CONCEPTS, PROMPT
+
+    k = args.concepts
+    kwargs = dict(prompt=PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+                  editing_prompt=CONCEPTS[:k] or None, edit_warmup_steps=[1] * k,
+                  edit_guidance_scale=[5.0] * k, edit_threshold=[0.95] * k, output_type="latent", seed=0)
+    pipes = {}
+    for dtype in args.dtypes:
+        pipe = SemanticStableDiffusionPipeline.from_pretrained(folder, dtype=dtype,
+                                                               requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        np.asarray(pipe(**kwargs).images)  # compiles
+        pipes[dtype] = pipe
+    times = {dtype: [] for dtype in args.dtypes}
+    for _ in range(args.rounds):
+        for dtype, pipe in pipes.items():
+            start = time.perf_counter()
+            np.asarray(pipe(**kwargs).images)
+            times[dtype].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.folder
+        if folder is None:
+            from sega_jax.benchmark import build_reference
+
+            folder = str(Path(scratch) / "tiny")
+            build_reference("tiny", Path(folder))
+        times = timed_calls(folder, args)
+    print(f"{Path(args.folder).name if args.folder else 'tiny'}: size {args.size}, {args.steps} steps, "
+          f"{args.concepts} concepts, {args.rounds} interleaved rounds (ms per step of the whole call)")
+    first = args.dtypes[0]
+    best = {dtype: 1000 * min(t) / args.steps for dtype, t in times.items()}
+    median = {dtype: 1000 * statistics.median(t) / args.steps for dtype, t in times.items()}
+    for dtype in args.dtypes:
+        print(f"{dtype:>9}: fastest {best[dtype]:8.1f}  median {median[dtype]:8.1f}  "
+              f"(x{best[dtype] / best[first]:.3f} / x{median[dtype] / median[first]:.3f} of {first})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -259,9 +259,10 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
                             nk if mk != 1 else 1, kc if mk != 1 else 1)
     key_padded = lk_p != lk
 
+    pv_dtype = _pv_dtype(v.dtype)
     # On CPU, half-precision blocks meet in fp32 (XLA:CPU computes their product in fp32 anyway), the scale
     # folded into each q block: scaling each (qc, kc) score tile instead was a pass of its own over it.
-    fold_per_block = not fold and _pv_dtype(q.dtype) == _F32
+    fold_per_block = not fold and pv_dtype == _F32
 
     def scores(qb: Array, kb: Array, mb: Array | None, kj) -> Array:
         if fold_per_block:
@@ -274,8 +275,6 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
         if key_padded:  # padding keys get exactly zero weight, even in fully masked rows
             s = jnp.where(kj * kc + lax.broadcasted_iota(jnp.int32, (1, kc), 1) < lk, s, -jnp.inf)
         return s
-
-    pv_dtype = _pv_dtype(v.dtype)
 
     def pv(p: Array, vb: Array) -> Array:
         return lax.dot_general(p.astype(pv_dtype), vb.astype(pv_dtype), (((1,), (0,)), ((), ())),
@@ -310,12 +309,11 @@ def chunked_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None
             (o, _, denom), _ = lax.scan(step, init, jnp.arange(nk))
             return o / denom
 
-        return lax.map(per_query_chunk, jnp.arange(nq)).astype(block_dtype)  # (nq, qc, d)
+        return lax.map(per_query_chunk, jnp.arange(nq)).astype(pv_dtype)  # (nq, qc, d)
 
-    # On CPU the blocks are kept in fp32 and rounded in the final transpose: rounding each (qc, d) block as
-    # it was written cost XLA:CPU 2.4x the write (the tiny UNet's bf16 step: 1 ms of 60).
-    block_dtype = pv_dtype
-    out = map_into(per_head, bh, (nq, qc, vt.shape[-1]), block_dtype, start_after=qt)  # (bh, nq, qc, d)
+    # Blocks are stored in the PV dtype: on CPU fp32, rounded in the final transpose (rounding each (qc, d)
+    # block as it was written cost XLA:CPU 2.4x the write: the tiny UNet's bf16 step, 1 ms of 60).
+    out = map_into(per_head, bh, (nq, qc, vt.shape[-1]), pv_dtype, start_after=qt)  # (bh, nq, qc, d)
     out = out.reshape(bh, lq_p, -1)[:, :lq].reshape(b, h, lq, -1)
     return jnp.swapaxes(out, 1, 2).astype(out_dtype)
 

@@ -21,6 +21,15 @@ def max_rel_diff(ours, reference) -> float:
     return float(np.abs(ours - reference).max() / (scale if scale > 0 else 1.0))
 
 
+def beyond_one_rounding(got, exact, dtype) -> float:
+    """How far `got` (in half-precision `dtype`) is beyond one rounding of the fp32 `exact`: the largest
+    |got - exact| - u |exact| (u: `dtype`'s unit roundoff), relative to max |exact|. Rounded once, it is fp32
+    noise (arithmetic in another order)."""
+    got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
+    unit = 2.0 ** -(np.finfo(dtype).nmant + 1)
+    return float((np.abs(got - exact) - unit * np.abs(exact)).max() / np.abs(exact).max())
+
+
 def jit_module_call(fn: Callable) -> Callable:
     """`fn(module, *args)` compiled the way the pipelines compile models: `jax.jit` over the module's split
     state. (`nnx.jit` returns the module's state as outputs too: on XLA:CPU that holds a second copy of

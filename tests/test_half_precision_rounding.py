@@ -13,22 +13,11 @@ from flax import nnx
 
 from sega_jax.models.layers import Conv2d, GroupNorm, gelu, silu
 from sega_jax.models.transformer import GEGLU
+from tests.helpers import beyond_one_rounding
 
 CPU = jax.default_backend() == "cpu"
 HALF = [jnp.bfloat16, jnp.float16]
 TORCH_DTYPE = {jnp.bfloat16: torch.bfloat16, jnp.float16: torch.float16}
-
-
-def _unit_roundoff(dtype) -> float:
-    return 2.0 ** -(jnp.finfo(dtype).nmant + 1)
-
-
-def _rounded_once(got, exact, dtype) -> float:
-    """How far `got` (in `dtype`) is beyond one rounding of the fp32 `exact`: max of |got - exact| - u|exact|
-    relative to max |exact|; fp32 noise (arithmetic in another order) when rounded once."""
-    got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
-    excess = np.abs(got - exact) - _unit_roundoff(dtype) * np.abs(exact)
-    return float(excess.max() / np.abs(exact).max())
 
 
 def _state_in_fp32(module):
@@ -59,7 +48,7 @@ def test_geglu_rounds_once_from_its_projection_to_its_product(dtype):
     assert got.dtype == dtype
     exact = jax.jit(lambda v: _state_in_fp32(layer)(v))(x.astype(jnp.float32))
     # Rounding the projection and the GELU too (torch's three roundings): 2.4e-3 (bf16), 2.8e-4 (fp16).
-    assert _rounded_once(got, exact, dtype) <= 1e-5
+    assert beyond_one_rounding(got, exact, dtype) <= 1e-5
 
 
 @pytest.mark.skipif(not CPU, reason="XLA:CPU computes half-precision convolutions in fp32")
@@ -75,4 +64,4 @@ def test_cpu_silu_groupnorm_meets_its_convolution_unrounded(dtype):
     got = jax.jit(lambda v: conv(norm(v, silu=True)))(x)
     assert got.dtype == dtype
     exact = jax.jit(lambda a: _state_in_fp32(conv)(a))(exact_activation)
-    assert _rounded_once(got, exact, dtype) <= 1e-5
+    assert beyond_one_rounding(got, exact, dtype) <= 1e-5

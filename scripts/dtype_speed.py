@@ -33,17 +33,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concepts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.set_defaults(model="tiny", output_type="latent")  # for the benchmark's `call_kwargs` (SD models)
     return parser.parse_args(argv)
 
 
-def timed_calls(folder: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def timed_calls(folder: str, args: argparse.Namespace) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """Each dtype's call times (seconds) and decoded image."""
     from sega_jax import SemanticStableDiffusionPipeline
-    from sega_jax.benchmark import CONCEPTS, PROMPT
+    from sega_jax.benchmark import call_kwargs
 
-    k = args.concepts
-    kwargs = dict(prompt=PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
-                  editing_prompt=CONCEPTS[:k] or None, edit_warmup_steps=[1] * k,
-                  edit_guidance_scale=[5.0] * k, edit_threshold=[0.95] * k, output_type="latent", seed=0)
+    kwargs = dict(call_kwargs(args), seed=0)  # the benchmark's prompt, concepts and edit settings
     pipes = {}
     for dtype in args.dtypes:
         pipe = SemanticStableDiffusionPipeline.from_pretrained(folder, dtype=dtype,

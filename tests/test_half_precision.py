@@ -175,7 +175,8 @@ def test_loading_fp32_weights_in_bf16_does_not_hold_the_whole_file_resident(tmp_
 @pytest.mark.heavy
 @pytest.mark.skipif(not CPU, reason="XLA:CPU's schedule of the SD 1.5 loop")
 def test_sd15_loop_makes_its_temporaries_when_they_are_used():
-    """The SD 1.5 UNet in the SEGA loop at 512x512 (2 concepts): temporaries bf16 179 MB, fp32 246 MB.
+    """The SD 1.5 UNet in the SEGA loop at 512x512 (2 concepts): temporaries bf16 179 MB, fp16 199 MB,
+    fp32 246 MB.
     Before, XLA made buffers long before their use (BENCHMARKS.md, section 1i): bf16 424 MB and fp32 493 MB;
     with one fix undone: bf16 210 MB (a big conv weight upcast in one piece, 113 MB), 244-269 MB (1024-token
     feed-forward chunks, skip upcasts, map outputs, attention scale) and fp32 450 MB (map outputs). Compiled
@@ -187,6 +188,8 @@ def test_sd15_loop_makes_its_temporaries_when_they_are_used():
     fp32_weights, fp32_temp = _loop_memory(jnp.float32, unet, 64)
     assert weights * 2 == fp32_weights and 1.6e9 < weights < 1.8e9
     assert temp < 0.12 * weights, (temp, weights)  # 0.109 now; 0.128-0.164 with a fix undone
+    _, fp16_temp = _loop_memory(jnp.float16, unet, 64)
+    assert fp16_temp < 0.125 * weights, (fp16_temp, weights)  # 0.122 now; 0.131 with activations upcast whole
     assert fp32_temp < 0.1 * fp32_weights, (fp32_temp, fp32_weights)  # 0.075 now; 0.137 without map_into
 
 
@@ -204,5 +207,22 @@ def test_a_big_half_precision_conv_upcasts_its_weight_a_chunk_at_a_time(monkeypa
     fp32_weight = conv.weight.size * 4
     assert whole.memory_analysis().temp_size_in_bytes > fp32_weight
     assert chunked.memory_analysis().temp_size_in_bytes < 0.4 * fp32_weight
+    np.testing.assert_array_equal(np.asarray(chunked(x).astype(jnp.float32)),
+                                  np.asarray(whole(x).astype(jnp.float32)))
+
+
+@pytest.mark.skipif(not CPU, reason="XLA:CPU computes fp16 products in fp32")
+def test_a_big_fp16_activation_meets_its_product_a_chunk_of_rows_at_a_time(monkeypatch):
+    """XLA:CPU has no fp16 matrix product: an fp16 activation over `UPCAST_CHUNK_ELEMENTS` is upcast and
+    multiplied a chunk of rows at a time (SD 1.5's fp16 loop held a 63 MB fp32 copy of a shortcut's input);
+    the same result."""
+    conv = Conv2d(256, 64, 1, dtype=jnp.float16, rngs=nnx.Rngs(0))  # a 1x1 conv: a matrix product
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 256)).astype(jnp.float16)  # 2 MB in fp32
+    whole = jax.jit(lambda v: conv(v)).lower(x).compile()
+    monkeypatch.setattr(layers, "UPCAST_CHUNK_ELEMENTS", 2**16)  # 8 chunks of 256 KB
+    chunked = jax.jit(lambda v: conv(v)).lower(x).compile()
+    fp32_x = x.size * 4
+    assert whole.memory_analysis().temp_size_in_bytes > fp32_x
+    assert chunked.memory_analysis().temp_size_in_bytes < 0.4 * fp32_x  # 0.28 now: a chunk and the output
     np.testing.assert_array_equal(np.asarray(chunked(x).astype(jnp.float32)),
                                   np.asarray(whole(x).astype(jnp.float32)))

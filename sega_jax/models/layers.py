@@ -62,29 +62,40 @@ def _operand(x: Array, dtype, upcast: bool) -> Array:
     return x.astype(jnp.float32) if upcast else x.astype(dtype)
 
 
+# The fp32 copies an upcast product makes a chunk at a time (a conv weight's output channels, an fp16
+# activation's rows) hold at most this many elements (32 MB).
+UPCAST_CHUNK_ELEMENTS = 2**23
+
+
+def _chunks(length: int, elements_per_index: int, limit: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering `length` indices, each with at most `limit` elements (`elements_per_index`
+    per index, at least one index per range), as even as possible."""
+    n = min(length, max(1, -(-length * elements_per_index // limit)))
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def half_precision_dot(x: Array, w: Array) -> Array:
     """x @ w with w's dtype's accumulator: fp32 for half-precision operands (`preferred_element_type`; XLA:CPU
     runs bf16 -> fp32 matrix products natively, 2-3x faster than bf16 -> bf16), not yet rounded; what it
     upcasts (`upcast_at_use`) is computed in fp32 from `fp32_at_use` weights. fp32 is unchanged."""
     dtype = w.dtype
-    upcast = upcast_at_use(dtype, math.prod(x.shape[:-1]))
-    x = _operand(x, dtype, upcast)
-    if upcast:
-        w = fp32_at_use(w, x)
-    return jnp.matmul(x, w, preferred_element_type=_accumulator(dtype))
-
-
-# Output channels per fp32 weight chunk of an upcast convolution: at most this many fp32 elements (32 MB).
-UPCAST_CHUNK_ELEMENTS = 2**23
-
-
-def _output_chunks(w_shape: tuple[int, ...], limit: int) -> list[tuple[int, int]]:
-    """[lo, hi) output-channel ranges of an HWIO weight with at most `limit` elements each, as even as
-    possible."""
-    out = w_shape[-1]
-    n = max(1, -(-math.prod(w_shape) // limit))
-    bounds = [round(i * out / n) for i in range(n + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    rows = math.prod(x.shape[:-1])
+    upcast = upcast_at_use(dtype, rows)
+    copies_x = upcast and x.dtype != jnp.float32
+    chunks = _chunks(rows, x.shape[-1], UPCAST_CHUNK_ELEMENTS) if copies_x else [(0, rows)]
+    if len(chunks) == 1:
+        x = _operand(x, dtype, upcast)
+        return jnp.matmul(x, fp32_at_use(w, x) if upcast else w, preferred_element_type=_accumulator(dtype))
+    # A big half-precision activation's fp32 copy was the fp16 loop's largest temporary (SD 1.5's 960 -> 320
+    # shortcut at 64x64: 63 MB): upcast and multiply a chunk of rows at a time, each chunk's upcast made after
+    # the previous chunk's product.
+    flat, w = x.reshape(rows, x.shape[-1]), fp32_at_use(w, x)
+    outputs, anchor = [], x
+    for lo, hi in chunks:
+        anchor = jnp.matmul(computed_after(flat[lo:hi], anchor).astype(jnp.float32), w)
+        outputs.append(anchor)
+    return jnp.concatenate(outputs).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _convolution(x: Array, w: Array, stride: int, padding) -> Array:
@@ -101,7 +112,7 @@ def _convolution(x: Array, w: Array, stride: int, padding) -> Array:
     # upcast and convolve a chunk of output channels at a time, each chunk's upcast made after the previous
     # chunk's output, into the buffer the previous chunk freed.
     outputs, anchor = [], x
-    for lo, hi in _output_chunks(w.shape, UPCAST_CHUNK_ELEMENTS):
+    for lo, hi in _chunks(w.shape[-1], math.prod(w.shape[:-1]), UPCAST_CHUNK_ELEMENTS):
         anchor = conv(fp32_at_use(w[..., lo:hi], anchor))
         outputs.append(anchor)
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)

@@ -30,6 +30,13 @@ def beyond_one_rounding(got, exact, dtype) -> float:
     return float((np.abs(got - exact) - unit * np.abs(exact)).max() / np.abs(exact).max())
 
 
+def in_fp32(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` with every parameter upcast to fp32 (exactly): the fp32 computation a
+    half-precision module's result is one rounding of."""
+    state = jax.tree.map(lambda p: p.astype(np.float32), nnx.state(module))
+    return nnx.merge(nnx.graphdef(module), state)
+
+
 def jit_module_call(fn: Callable) -> Callable:
     """`fn(module, *args)` compiled the way the pipelines compile models: `jax.jit` over the module's split
     state. (`nnx.jit` returns the module's state as outputs too: on XLA:CPU that holds a second copy of

@@ -20,6 +20,7 @@ from sega_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sega_jax.pipeline import denoiser
 from sega_jax.sampler import sega_sample
 from sega_jax.schedulers import scheduler_from_name
+from tests.helpers import beyond_one_rounding, in_fp32
 
 CPU = jax.default_backend() == "cpu"
 # Small but not tiny: conv weights (2.4M parameters) outweigh the activations of 8x8 latents, so an fp32
@@ -197,7 +198,8 @@ def test_sd15_loop_makes_its_temporaries_when_they_are_used():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_a_big_half_precision_conv_upcasts_its_weight_a_chunk_at_a_time(monkeypatch, dtype):
     """A weight over `UPCAST_CHUNK_ELEMENTS` is upcast and convolved a chunk of output channels at a time:
-    the fp32 copy held is one chunk's, not the weight's (SD 1.5's largest: 113 MB); the same result."""
+    the fp32 copy held is one chunk's, not the weight's (SD 1.5's largest: 113 MB); the same rounded fp32
+    result."""
     conv = Conv2d(256, 384, 3, padding=1, dtype=dtype, rngs=nnx.Rngs(0))  # 885k weights: 3.4 MB in fp32
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 256)).astype(dtype)
     run = jax.jit(lambda v: conv(v))
@@ -207,15 +209,14 @@ def test_a_big_half_precision_conv_upcasts_its_weight_a_chunk_at_a_time(monkeypa
     fp32_weight = conv.weight.size * 4
     assert whole.memory_analysis().temp_size_in_bytes > fp32_weight
     assert chunked.memory_analysis().temp_size_in_bytes < 0.4 * fp32_weight
-    np.testing.assert_array_equal(np.asarray(chunked(x).astype(jnp.float32)),
-                                  np.asarray(whole(x).astype(jnp.float32)))
+    _assert_one_rounding_of_fp32(conv, x, whole, chunked)
 
 
 @pytest.mark.skipif(not CPU, reason="XLA:CPU computes fp16 products in fp32")
 def test_a_big_fp16_activation_meets_its_product_a_chunk_of_rows_at_a_time(monkeypatch):
     """XLA:CPU has no fp16 matrix product: an fp16 activation over `UPCAST_CHUNK_ELEMENTS` is upcast and
     multiplied a chunk of rows at a time (SD 1.5's fp16 loop held a 63 MB fp32 copy of a shortcut's input);
-    the same result."""
+    the same rounded fp32 result."""
     conv = Conv2d(256, 64, 1, dtype=jnp.float16, rngs=nnx.Rngs(0))  # a 1x1 conv: a matrix product
     x = jax.random.normal(jax.random.key(3), (2, 32, 32, 256)).astype(jnp.float16)  # 2 MB in fp32
     whole = jax.jit(lambda v: conv(v)).lower(x).compile()
@@ -224,5 +225,14 @@ def test_a_big_fp16_activation_meets_its_product_a_chunk_of_rows_at_a_time(monke
     fp32_x = x.size * 4
     assert whole.memory_analysis().temp_size_in_bytes > fp32_x
     assert chunked.memory_analysis().temp_size_in_bytes < 0.4 * fp32_x  # 0.28 now: a chunk and the output
-    np.testing.assert_array_equal(np.asarray(chunked(x).astype(jnp.float32)),
-                                  np.asarray(whole(x).astype(jnp.float32)))
+    _assert_one_rounding_of_fp32(conv, x, whole, chunked)
+
+
+def _assert_one_rounding_of_fp32(module, x, *programs):
+    """Each program's result is the fp32 result from the exact upcasts, rounded once. Not bit for bit
+    between programs: XLA:CPU picks its kernel (and so the fp32 summation order) by shape and by the CPU's
+    instructions (whole and chunked agreed bit for bit on AVX-512 VMs; on an AVX2-only one 20 of 49152
+    bf16 elements differed by one unit in the last place)."""
+    exact = jax.jit(lambda v: in_fp32(module)(v))(x.astype(jnp.float32))
+    for program in programs:
+        assert beyond_one_rounding(program(x), exact, x.dtype) <= 1e-5

@@ -13,16 +13,11 @@ from flax import nnx
 
 from sega_jax.models.layers import Conv2d, GroupNorm, gelu, silu
 from sega_jax.models.transformer import GEGLU
-from tests.helpers import beyond_one_rounding
+from tests.helpers import beyond_one_rounding, in_fp32
 
 CPU = jax.default_backend() == "cpu"
 HALF = [jnp.bfloat16, jnp.float16]
 TORCH_DTYPE = {jnp.bfloat16: torch.bfloat16, jnp.float16: torch.float16}
-
-
-def _state_in_fp32(module):
-    state = jax.tree.map(lambda p: p.astype(jnp.float32), nnx.state(module))
-    return nnx.merge(nnx.graphdef(module), state)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -46,7 +41,7 @@ def test_geglu_rounds_once_from_its_projection_to_its_product(dtype):
     x = jax.random.normal(jax.random.key(1), (2, 256, 32)).astype(dtype)
     got = jax.jit(lambda v: layer(v))(x)
     assert got.dtype == dtype
-    exact = jax.jit(lambda v: _state_in_fp32(layer)(v))(x.astype(jnp.float32))
+    exact = jax.jit(lambda v: in_fp32(layer)(v))(x.astype(jnp.float32))
     # Rounding the projection and the GELU too (torch's three roundings): 2.4e-3 (bf16), 2.8e-4 (fp16).
     assert beyond_one_rounding(got, exact, dtype) <= 1e-5
 
@@ -59,9 +54,9 @@ def test_cpu_silu_groupnorm_meets_its_convolution_unrounded(dtype):
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 16)).astype(dtype)
     activation = jax.jit(lambda v: norm(v, silu=True))(x)
     assert activation.dtype == jnp.float32
-    exact_activation = jax.nn.silu(_state_in_fp32(norm)(x.astype(jnp.float32)))
+    exact_activation = jax.nn.silu(in_fp32(norm)(x.astype(jnp.float32)))
     np.testing.assert_allclose(activation, exact_activation, rtol=1e-5, atol=1e-6)
     got = jax.jit(lambda v: conv(norm(v, silu=True)))(x)
     assert got.dtype == dtype
-    exact = jax.jit(lambda a: _state_in_fp32(conv)(a))(exact_activation)
+    exact = jax.jit(lambda a: in_fp32(conv)(a))(exact_activation)
     assert beyond_one_rounding(got, exact, dtype) <= 1e-5

@@ -62,20 +62,6 @@ def pytest_ignore_collect(collection_path: Path, config):
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into the test ids
-def pytest_collection_modifyitems(config, items):
-    """For pytest-xdist's `--dist loadgroup` (setup.cfg): a module's tests run in one worker, so its module
-    fixtures (tiny models, servers) are built once, and the heavy tests all run in one worker, one after
-    another (two at once would hold the SDXL UNet's 10 GB beside SD 1.5's). The heavy tests come first
-    (`--no-loadscope-reorder` keeps this order): at ~22 of the suite's ~50 minutes on 2 cores, they are
-    its longest part, and the other worker runs every other module meanwhile."""
-    heavy = {id(item) for item in items if item.get_closest_marker("heavy")}
-    items.sort(key=lambda item: id(item) not in heavy)  # stable: the order within each part is kept
-    for item in items:
-        group = "heavy" if id(item) in heavy else item.nodeid.partition("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_report_header(config):
     if TORCH_FREE_LEG:
         skipped = sorted(p.name for p in Path(__file__).parent.glob("test_*.py") if needs_torch(p))

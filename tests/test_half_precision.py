@@ -82,8 +82,7 @@ def test_fp32_at_use_is_exactly_the_upcast_weight_whatever_the_activation(first)
 def _rounded_fp32_reference(layer, x, dtype):
     """The layer in fp32 on its weights and input rounded to `dtype`, rounded to `dtype` at the end: what
     XLA's own upcast computed before issue 16."""
-    state = jax.tree.map(lambda p: p.astype(jnp.float32), nnx.state(layer))
-    reference = nnx.merge(nnx.graphdef(layer), state)
+    reference = in_fp32(layer)
     return jax.jit(lambda v: reference(v))(x.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 

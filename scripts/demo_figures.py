@@ -6,8 +6,9 @@
 The README figures are exactly what the README's first command writes (the same prompt, edit, seed and
 steps, `FIGURE` below), upscaled 8x (nearest) so that the 32x32 px images are visible on the page.
 
-The quality check generates `--n` seeds (one batch) for each prompt of `QUALITY_PROMPTS` and asks the pixel
-classifier of `sega_jax.demo` for the shape's colour and kind; it prints the share that match the prompt.
+The quality check generates `--n` seeds (one batch) for each prompt of `QUALITY_PROMPTS` and asks the
+pixel classifier of `sega_jax.builtin.demo` for the shape's colour and kind; it prints the share that match
+the prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sega_jax, not an installed one
 
-from sega_jax import demo  # noqa: E402
+from sega_jax.builtin import demo  # noqa: E402
 
 # The README's first command: sega-jax generate --prompt ... --edit "red@reverse,..." --edit "blue@..."
 # SEGA's attribute swap: away from the prompt's colour and toward the new one, two concepts at once (a

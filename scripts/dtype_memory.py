@@ -54,7 +54,7 @@ def measure(folder: str, dtype: str, size: int, steps: int, concepts: int) -> di
 
     phase("imports", lambda: __import__("sega_jax"))
     from sega_jax import SemanticStableDiffusionPipeline
-    from sega_jax.benchmark import CONCEPTS, PROMPT
+    from sega_jax.bench.sega import CONCEPTS, PROMPT
 
     pipe = phase("load", lambda: SemanticStableDiffusionPipeline.from_pretrained(
         folder, dtype=None if dtype == "float32" else dtype, requires_safety_checker=False))

@@ -40,7 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def timed_calls(folder: str, args: argparse.Namespace) -> tuple[dict[str, list], dict[str, np.ndarray]]:
     """Each dtype's call times (seconds) and decoded image."""
     from sega_jax import SemanticStableDiffusionPipeline
-    from sega_jax.benchmark import call_kwargs
+    from sega_jax.bench.sega import call_kwargs
 
     kwargs = dict(call_kwargs(args), seed=0)  # the benchmark's prompt, concepts and edit settings
     pipes = {}
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder
         if folder is None:
-            from sega_jax.benchmark import build_reference
+            from sega_jax.bench.sega import build_reference
 
             folder = str(Path(scratch) / "tiny")
             build_reference("tiny", Path(folder))

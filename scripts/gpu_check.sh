@@ -8,7 +8,7 @@
 #      same case in fp32 on both sides (20 steps), so the half-precision rows' GPU memory has its fp32 base
 #      (issue 16: bf16 peak <= 0.6x fp32's);
 #   4. runs it for SDXL (the real architecture, random weights), 1024x1024, 50 steps, 2 concepts, bf16 ours vs
-#      fp16 diffusers (its SEGA code around its SDXL UNet, sega_jax.reference.sega_xl_reference);
+#      fp16 diffusers (its SEGA code around its SDXL UNet, sega_jax.testing.reference.sega_xl_reference);
 #   5. prints one table (also written to $OUT/gpu_check.md). Budget: under 15 minutes on an H100/H200.
 #
 # Usage: bash scripts/gpu_check.sh        (SKIP_INSTALL=1 when the environment is ready;

@@ -43,11 +43,9 @@ def smooth_photo(size: int, seed: int = 0) -> Image.Image:
 
 
 def build_fixtures(root: Path) -> None:
-    try:
-        from sega_jax.testing.reference import save_reference, save_reference_xl
-    except ImportError:  # the layout before issue 35
-        from sega_jax.reference import save_reference, save_reference_xl
     from safetensors.numpy import save_file
+
+    from sega_jax.testing.reference import save_reference, save_reference_xl
 
     if not (root / "sd").exists():
         save_reference(root / "sd")
@@ -65,8 +63,8 @@ def build_fixtures(root: Path) -> None:
 
 
 def run_cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-c", "import sys; from sega_jax.cli import main; sys.exit(main())", *args],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", "import sys; from sega_jax.cli import main; sys.exit(main())",
+                   *args], check=True, capture_output=True)
 
 
 def main() -> None:

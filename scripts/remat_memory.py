@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.benchmark import CONCEPTS
-from sega_jax.pipeline import denoiser
-from sega_jax.sampler import sega_sample
+from sega_jax.bench.sega import CONCEPTS
+from sega_jax.core.sampler import sega_sample
+from sega_jax.pipelines.sega.sd import denoiser
 
 
 def temp_bytes(pipe, steps: int, size: int, concepts: int, remat: bool) -> int:

@@ -7,8 +7,8 @@ Our own Flax NNX modules (sega_jax.models: AutoencoderKL, UNet2DConditionModel, 
 real CLIP tokenizer) are trained directly and written in diffusers' folder layout (fp16 safetensors), with
 Stable Diffusion's DDIM scheduler config, so `load_pipeline(folder)` (and diffusers) read it.
 
-1. VAE: reconstruction (MSE) + a small KL on the drawn scenes of `sega_jax.demo` (32x32 px, 8x8 latents).
-2. The latents' scaling factor: 1 / their standard deviation, as SD's 0.18215.
+1. VAE: reconstruction (MSE) + a small KL on the drawn scenes of `sega_jax.builtin.demo` (32x32 px, 8x8
+latents). 2. The latents' scaling factor: 1 / their standard deviation, as SD's 0.18215.
 3. UNet + text encoder: epsilon prediction on noised latents at random timesteps (SD's scaled-linear
    betas), min-SNR-5 loss weighting, captions with attributes dropped at random and 10% empty
    (classifier-free guidance), EMA weights written out. The text encoder trains only the token embeddings
@@ -40,12 +40,12 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sega_jax, not an installed one
 
-from sega_jax import demo  # noqa: E402
+from sega_jax.builtin import demo  # noqa: E402
+from sega_jax.builtin.tiny import SD_DDIM, _config_dict, module_tensors, random_init  # noqa: E402
 from sega_jax.models.clip import CLIPTextModel  # noqa: E402
+from sega_jax.models.tokenizer import clip_tokenizer, offline_clip_tokenizer, tokenize  # noqa: E402
 from sega_jax.models.unet import UNet2DConditionModel  # noqa: E402
 from sega_jax.models.vae import AutoencoderKL  # noqa: E402
-from sega_jax.tiny import SD_DDIM, _config_dict, module_tensors, random_init  # noqa: E402
-from sega_jax.tokenizer import clip_tokenizer, offline_clip_tokenizer, tokenize  # noqa: E402
 
 KL_WEIGHT = 1e-4
 MIN_SNR = 5.0

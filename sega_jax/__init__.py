@@ -1,14 +1,14 @@
 """sega-jax: Semantic Guidance for Stable Diffusion in JAX/Flax NNX."""
 
-from sega_jax.guidance import EditParams, sega_step
-from sega_jax.pipeline import SemanticStableDiffusionPipeline, SemanticStableDiffusionPipelineOutput
+from sega_jax.core.guidance import EditParams, sega_step
+from sega_jax.core.sampler import sega_sample
 from sega_jax.pipelines import (
     LEditsPPPipelineStableDiffusion,
     LEditsPPPipelineStableDiffusionXL,
     SemanticStableDiffusionXLPipeline,
     load_pipeline,
 )
-from sega_jax.sampler import sega_sample
+from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline, SemanticStableDiffusionPipelineOutput
 
 __all__ = ["EditParams", "LEditsPPPipelineStableDiffusion", "LEditsPPPipelineStableDiffusionXL",
            "SemanticStableDiffusionPipeline",

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax import app as sega_app
-from sega_jax import app_core
-from sega_jax.cli_settings import METADATA_KEY, parameters_text
+from sega_jax.app import core as app_core
+from sega_jax.app import session as sega_app
+from sega_jax.settings import METADATA_KEY, parameters_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -41,7 +41,7 @@ DONE = re.compile(r"#\d+: .+ in \d+\.\d+ s: |Error: ")  # a finished call's stat
 
 
 def test_missing_gradio_is_a_clear_error(monkeypatch, capsys):
-    from sega_jax import cli
+    from sega_jax.cli import generate as cli
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     with pytest.raises(ImportError, match=r'pip install "sega-jax\[app\]"'):
@@ -51,7 +51,7 @@ def test_missing_gradio_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_cli_lists_the_app(capsys):
-    from sega_jax import cli
+    from sega_jax.cli import generate as cli
 
     with pytest.raises(SystemExit):
         cli.main(["--help"])
@@ -85,7 +85,7 @@ def test_default_model(monkeypatch):
     assert sega_app.default_model() == "some/model"
     monkeypatch.delenv("SEGA_JAX_MODEL")
     try:
-        from sega_jax.demo import demo_folder
+        from sega_jax.builtin.demo import demo_folder
         shipped = (demo_folder() / "model_index.json").is_file()
     except ImportError:
         shipped = False
@@ -112,7 +112,7 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     """The app on the tiny model, served on 127.0.0.1 by this process (so the test reads its trace counts)."""
     pytest.importorskip("gradio")
-    from sega_jax.tiny import load_pipeline
+    from sega_jax.builtin.tiny import load_pipeline
 
     pipe = load_pipeline("tiny")
     app = sega_app.build(pipe, "tiny", tmp_path_factory.mktemp("pngs"))
@@ -206,7 +206,7 @@ def _screenshot(page, name: str, tmp_path: Path) -> None:
 
 
 def test_generate_edit_no_recompile_and_png_metadata(browser_page, tmp_path):
-    from sega_jax import pipeline
+    from sega_jax.pipelines.sega import sd as pipeline
 
     page, _ = browser_page
     _set(page, "#prompt textarea", "a photo of the face of a woman")
@@ -245,7 +245,7 @@ def test_generate_edit_no_recompile_and_png_metadata(browser_page, tmp_path):
 
 
 def test_sweep_is_one_call_shown_as_a_strip(browser_page, tmp_path):
-    from sega_jax import parallel
+    from sega_jax.pipelines import parallel
 
     page, _ = browser_page
     page.get_by_text("strength sweep", exact=False).click()
@@ -280,7 +280,7 @@ def test_bad_input_is_a_message(browser_page):
 
 
 def test_photo_tab_inverts_and_edits(browser_page, tmp_path):
-    from sega_jax.pipelines import ledits
+    from sega_jax.pipelines.ledits_pp import sd as ledits
 
     page, _ = browser_page
     page.get_by_role("tab", name="Edit a photo").click()

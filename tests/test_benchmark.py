@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from sega_jax import benchmark
+from sega_jax.bench import sega as benchmark
 
 
 def test_benchmark_prints_both_timings_the_ratio_and_matching_outputs(capsys):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sega_jax import benchmark
-from sega_jax.tiny import save_tiny
+from sega_jax.bench import sega as benchmark
+from sega_jax.builtin.tiny import save_tiny
 
 
 def test_benchmark_times_ours_alone_on_a_saved_folder(tmp_path, capsys):

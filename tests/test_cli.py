@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax import cli
-from sega_jax.cli import Edit, build_parser, main, output_paths, parse_edit
-from sega_jax.demo import default_model, demo_folder
+from sega_jax.builtin.demo import default_model, demo_folder
+from sega_jax.cli import generate as cli
+from sega_jax.cli.generate import Edit, build_parser, main, output_paths, parse_edit
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a woman"
@@ -59,7 +59,7 @@ BLOCKER = textwrap.dedent("""
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     full_env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "sega_jax.cli", *args], cwd=ROOT, env=full_env,
+    return subprocess.run([sys.executable, "-m", "sega_jax.cli.generate", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -306,7 +306,7 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 def test_compilation_cache_settings(tmp_path):
     code = textwrap.dedent(f"""
         import os, jax
-        from sega_jax import cache
+        from sega_jax.runtime import cache
         os.environ["SEGA_JAX_CACHE_DIR"] = "off"
         assert cache.default_cache_dir() is None and cache.enable_compilation_cache() is None
         assert jax.config.jax_compilation_cache_dir is None

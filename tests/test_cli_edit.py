@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sega_jax.cli import main
-from sega_jax.cli_edit import load_ledits_pipeline
+from sega_jax.cli.edit import load_ledits_pipeline
+from sega_jax.cli.generate import main
 
 STEPS = 4
 # The tiny UNet has no cross-attention at 1/4 of the latent size, where LEDITS++ reads its attention masks:

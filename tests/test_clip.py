@@ -1,6 +1,6 @@
 """CLIP text encoder and tokenizer against transformers (PyTorch), plus the checkpoint loader's errors.
 
-The loader-error tests here cover `sega_jax.weights` for the whole project (every model goes through
+The loader-error tests here cover `sega_jax.models.weights` for the whole project (every model goes through
 `load_model`); they assert on what each message names: the file, the tensor key, the shapes.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from sega_jax.models.clip import CLIPTextConfig, CLIPTextModel, load_text_encoder
-from sega_jax.tokenizer import (
+from sega_jax.models.tokenizer import (
     clip_bpe_path,
     clip_tokenizer,
     clip_vocab_and_merges,
@@ -28,7 +28,7 @@ from sega_jax.tokenizer import (
     offline_clip_tokenizer,
     tokenize,
 )
-from sega_jax.weights import WeightLoadError
+from sega_jax.models.weights import WeightLoadError
 from tests.helpers import max_rel_diff
 
 torch = pytest.importorskip("torch")
@@ -300,7 +300,7 @@ def test_config_errors(edit, names, sd1_copy):
         assert name in str(err.value)
 
 
-# ------------------------------------------------------------------ loader errors (sega_jax.weights)
+# ------------------------------------------------------------------ loader errors (sega_jax.models.weights)
 
 
 def test_missing_folder(tmp_path):
@@ -555,7 +555,7 @@ def test_tokenizer_matches_open_clip(sd_tokenizer):
 def test_tokenize_like_the_pipeline(sd_tokenizer, caplog):
     long_prompt = " ".join(["word"] * 80 + ["tail"])
     texts = ["a photo of a cat", long_prompt]
-    with caplog.at_level(logging.WARNING, logger="sega_jax.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="sega_jax.models.tokenizer"):
         ids = tokenize(sd_tokenizer, texts)
     assert ids.shape == (2, 77)
     # the reference cuts the untruncated ids: BOS + 76 words, no EOS

@@ -21,8 +21,8 @@ from sega_jax.models.clip import (
     eos_positions,
     load_text_encoder,
 )
-from sega_jax.tokenizer import load_tokenizer, offline_clip_tokenizer
-from sega_jax.weights import WeightLoadError
+from sega_jax.models.tokenizer import load_tokenizer, offline_clip_tokenizer
+from sega_jax.models.weights import WeightLoadError
 from tests.helpers import max_rel_diff
 from tests.test_clip import FP32_BOUND, make_torch_model, pipeline_ids, rewrite_weights, torch_forward
 

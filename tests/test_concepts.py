@@ -1,6 +1,6 @@
-"""Learned concepts (sega_jax.concepts): textual inversion files load as diffusers loads them (the same text
-embeddings, the same SEGA image with the token as a concept), `learn` trains only the new row and what it
-saves loads in diffusers, the A1111 formats, and errors that name the file or token."""
+"""Learned concepts (sega_jax.loaders.concepts): textual inversion files load as diffusers loads them (the
+same text embeddings, the same SEGA image with the token as a concept), `learn` trains only the new row and
+what it saves loads in diffusers, the A1111 formats, and errors that name the file or token."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ pytest.importorskip("diffusers")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from sega_jax import SemanticStableDiffusionPipeline, concepts  # noqa: E402
-from sega_jax.concepts import ConceptError  # noqa: E402
+from sega_jax import SemanticStableDiffusionPipeline  # noqa: E402
+from sega_jax.loaders import concepts  # noqa: E402
+from sega_jax.loaders.concepts import ConceptError  # noqa: E402
 from tests.helpers import max_rel_diff  # noqa: E402
 from tests.tiny_pipeline import save_reference  # noqa: E402
 
-HIDDEN = 32  # the tiny text encoder's width (sega_jax.reference.TINY_TEXT)
+HIDDEN = 32  # the tiny text encoder's width (sega_jax.testing.reference.TINY_TEXT)
 SEGA = dict(editing_prompt=["<cat-toy>", "glasses"], edit_guidance_scale=[6.0, 3.0], edit_warmup_steps=[1, 0],
             edit_threshold=[0.8, 0.9], reverse_editing_direction=[False, True], num_inference_steps=3,
             height=16, width=16, output_type="latent")
@@ -171,7 +172,7 @@ def test_sdxl_tokens_in_both_encoders_give_diffusers_sdxl_embeddings(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from sega_jax import SemanticStableDiffusionXLPipeline
-    from sega_jax.reference import save_reference_xl
+    from sega_jax.testing.reference import save_reference_xl
 
     save_reference_xl(tmp_path)
     ref = StableDiffusionXLPipeline.from_pretrained(tmp_path)

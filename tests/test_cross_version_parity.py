@@ -48,7 +48,7 @@ def _build_sd(batch: int, scheduler: str, kwargs: dict):
         import diffusers
         import torch
 
-        from sega_jax.reference import build_reference
+        from sega_jax.testing.reference import build_reference
 
         reference = build_reference()
         reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
@@ -78,7 +78,7 @@ def _build_sdxl(batch: int, kwargs: dict):
     def build(folder: Path) -> dict[str, np.ndarray]:
         import torch
 
-        from sega_jax.reference import save_reference_xl
+        from sega_jax.testing.reference import save_reference_xl
 
         reference = save_reference_xl(folder)
         out = reference(latents=torch.from_numpy(latents(batch)), **call_kwargs(kwargs))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from scripts import demo_figures
-from sega_jax import LEditsPPPipelineStableDiffusion, demo
+from sega_jax import LEditsPPPipelineStableDiffusion
+from sega_jax.builtin import demo
 from tests.test_demo_semantics import to_uint8
 
 STEPS, GUIDANCE = demo_figures.STEPS, demo_figures.GUIDANCE  # 25, 7.5: what was measured

@@ -1,5 +1,5 @@
-"""The demo model's groundwork (issue 18): the pixel classifier of `sega_jax.demo` reads drawn scenes, and
-scripts/train_demo.py is reproducible from its seed. No torch: this runs in both CI legs. What the shipped
+"""The demo model's groundwork (issue 18): the pixel classifier of `sega_jax.builtin.demo` reads drawn scenes,
+and scripts/train_demo.py is reproducible from its seed. No torch: this runs in both CI legs. What the shipped
 model's edits do: tests/test_demo_semantics.py and, on drawn images after inversion,
 tests/test_demo_inversion.py.
 """
@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from sega_jax import demo
+from sega_jax.builtin import demo
 
 
 def test_classifier_reads_drawn_scenes():

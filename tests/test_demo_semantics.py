@@ -1,7 +1,7 @@
 """What SEGA edits do, measured on pixels of the shipped `demo` model (sega_jax/assets/demo, trained by
-scripts/train_demo.py on drawn shapes), with the pixel classifier of `sega_jax.demo`; the README's figures;
-the generation quality (the prompted colour and shape in >= 80% of 50 seeds per prompt). No torch: this runs
-in both CI legs.
+scripts/train_demo.py on drawn shapes), with the pixel classifier of `sega_jax.builtin.demo`; the README's
+figures; the generation quality (the prompted colour and shape in >= 80% of 50 seeds per prompt). No torch:
+this runs in both CI legs.
 
 The base is `PROMPT` on `N_SEEDS` seeds in one batch. The edit is SEGA's attribute swap, two concepts:
 away from "red" and toward "blue" (`EDIT`); every edit reuses one compiled program (two concepts, `STEPS`
@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from scripts import demo_figures
-from sega_jax import demo
-from sega_jax.pipeline_inputs import IneffectiveEditWarning
+from sega_jax.builtin import demo
+from sega_jax.pipelines.inputs import IneffectiveEditWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on a white background"

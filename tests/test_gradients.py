@@ -1,4 +1,4 @@
-"""Gradients through the SEGA loop (sega_jax.gradients) on the tiny model: the loop function is the
+"""Gradients through the SEGA loop (sega_jax.pipelines.gradients) on the tiny model: the loop function is the
 pipeline's, `jax.grad` agrees with finite differences (edit scales and concept embeddings), remat keeps
 memory flat in the number of steps, and optax fits edit scales to a target. No torch."""
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sega_jax import gradients
-from sega_jax.tiny import tiny_pipeline
+from sega_jax.builtin.tiny import tiny_pipeline
+from sega_jax.pipelines import gradients
 
 PROMPT = "a photo of a face"
 KW = dict(editing_prompt=["smiling", "glasses"], edit_warmup_steps=[1, 0], edit_threshold=[0.9, 0.5],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sega_jax.guidance import EditParams, order_statistic, sega_step, spatial_quantile
+from sega_jax.core.guidance import EditParams, order_statistic, sega_step, spatial_quantile
 from tests.helpers import max_rel_diff, nchw_to_nhwc
 
 

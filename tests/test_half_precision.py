@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sega_jax import xla_options
-from sega_jax.guidance import EditParams
+from sega_jax.core.guidance import EditParams
+from sega_jax.core.sampler import sega_sample
 from sega_jax.models import layers
 from sega_jax.models.layers import Conv2d, Linear, fp32_at_use
 from sega_jax.models.unet import UNet2DConditionModel, UNetConfig
-from sega_jax.pipeline import denoiser
-from sega_jax.sampler import sega_sample
+from sega_jax.pipelines.sega.sd import denoiser
+from sega_jax.runtime import xla_options
 from sega_jax.schedulers import scheduler_from_name
 from tests.helpers import beyond_one_rounding, in_fp32
 
@@ -119,8 +119,8 @@ def test_jit_compiles_half_precision_calls_with_the_half_precision_options(monke
 def test_sharded_jit_programs_get_the_half_precision_options_for_half_precision_weights(monkeypatch):
     """`parallel`'s sharded jit and the data-parallel null-text inversion build their own `jax.jit`: they
     ask for the half-precision options exactly when the weights are bf16/fp16."""
-    from sega_jax import parallel
-    from sega_jax.tiny import tiny_pipeline
+    from sega_jax.builtin.tiny import tiny_pipeline
+    from sega_jax.pipelines import parallel
 
     chosen, real = [], xla_options.compiler_options
 
@@ -152,7 +152,7 @@ def test_loading_fp32_weights_in_bf16_does_not_hold_the_whole_file_resident(tmp_
     about one tensor, not the fp32 file beside them (an fp32 SD 1.5 folder in bf16 peaked at 5.3 GB)."""
     from safetensors.numpy import save_file
 
-    from sega_jax.weights import load_model
+    from sega_jax.models.weights import load_model
 
     rows, cols, count = 2048, 1024, 16  # 16 tensors of 8 MB: a 128 MB fp32 file, 64 MB of bf16 weights
     rng = np.random.default_rng(0)
@@ -181,7 +181,7 @@ def test_sd15_loop_makes_its_temporaries_when_they_are_used():
     with one fix undone: bf16 210 MB (a big conv weight upcast in one piece, 113 MB), 244-269 MB (1024-token
     feed-forward chunks, skip upcasts, map outputs, attention scale) and fp32 450 MB (map outputs). Compiled
     on abstract weights: nothing is allocated."""
-    from sega_jax.reference import SD15_UNET
+    from sega_jax.testing.reference import SD15_UNET
 
     unet = UNetConfig.from_diffusers(SD15_UNET)
     weights, temp = _loop_memory(jnp.bfloat16, unet, 64)

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sega_jax import SemanticStableDiffusionPipeline, cli, sweep
-from sega_jax import pipeline_inputs as inputs
-from sega_jax.pipeline import TRACE_COUNT
-from sega_jax.pipeline_inputs import IneffectiveEditWarning
-from sega_jax.sampler import SampleOutput
+from sega_jax import SemanticStableDiffusionPipeline
+from sega_jax.cli import generate as cli
+from sega_jax.core.sampler import SampleOutput
+from sega_jax.pipelines import inputs
+from sega_jax.pipelines.inputs import IneffectiveEditWarning
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
+from sega_jax.sweep import command as sweep
 from tests.tiny_pipeline import save_reference
 
 CONCEPTS = ["smiling", "glasses"]

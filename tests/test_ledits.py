@@ -16,10 +16,10 @@ import jax.numpy as jnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sega_jax import LEditsPPPipelineStableDiffusion  # noqa: E402
-from sega_jax.guidance_ledits import LEditsParams, attention_mask, ledits_step, noise_mask  # noqa: E402
-from sega_jax.pipelines import ledits  # noqa: E402
-from sega_jax.pipelines.ledits_inputs import preprocess_images  # noqa: E402
-from sega_jax.reference import OwnLengthTokenizer, recorded_inversion  # noqa: E402
+from sega_jax.core.guidance_ledits import LEditsParams, attention_mask, ledits_step, noise_mask  # noqa: E402
+from sega_jax.pipelines.ledits_pp import sd as ledits  # noqa: E402
+from sega_jax.pipelines.ledits_pp.inputs import preprocess_images  # noqa: E402
+from sega_jax.testing.reference import OwnLengthTokenizer, recorded_inversion  # noqa: E402
 
 # A tiny UNet with cross-attention at 1/4 of the latent size (where the reference's attention store looks).
 UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -41,9 +41,9 @@ def build_reference(folder):
     from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sega_jax.reference import TINY_TEXT, TINY_VAE, randomize
-    from sega_jax.tiny import SD_DDIM
-    from sega_jax.tokenizer import clip_tokenizer
+    from sega_jax.builtin.tiny import SD_DDIM
+    from sega_jax.models.tokenizer import clip_tokenizer
+    from sega_jax.testing.reference import TINY_TEXT, TINY_VAE, randomize
 
     torch.manual_seed(0)
     unet, vae, text = UNet2DConditionModel(**UNET), AutoencoderKL(**TINY_VAE), CLIPTextModel(
@@ -121,7 +121,7 @@ def ddim(case):
     """The reference and ours with DDIM (the same weights), ours inverted with the reference's draws."""
     from diffusers import DDIMScheduler
 
-    from sega_jax.tiny import SD_DDIM
+    from sega_jax.builtin.tiny import SD_DDIM
 
     parts = dict(case["ref"].components, scheduler=DDIMScheduler.from_config(SD_DDIM))
     parts["tokenizer"] = parts["tokenizer"].tokenizer

@@ -1,6 +1,6 @@
 """LEDITS++ on SDXL: `invert` and `__call__` against diffusers' `LEditsPPPipelineStableDiffusionXL` on the
-tiny random SDXL model (`sega_jax.reference.build_reference_xl`'s components in both, the inversion noise
-captured from diffusers and injected). The helpers are the SD test's."""
+tiny random SDXL model (`sega_jax.testing.reference.build_reference_xl`'s components in both, the inversion
+noise captured from diffusers and injected). The helpers are the SD test's."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from sega_jax import LEditsPPPipelineStableDiffusionXL  # noqa: E402
-from sega_jax.pipelines import ledits  # noqa: E402
-from sega_jax.reference import OwnLengthTokenizer, recorded_inversion, save_reference_xl  # noqa: E402
+from sega_jax.pipelines.ledits_pp import sd as ledits  # noqa: E402
+from sega_jax.testing.reference import OwnLengthTokenizer, recorded_inversion, save_reference_xl  # noqa: E402
 from tests.test_ledits import MARGIN, TOL, photo, quantile_margin, rel  # noqa: E402
 
 # Five steps of a five-step schedule: the first timestep (801) is above 800, where the SD reference would

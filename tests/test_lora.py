@@ -17,10 +17,11 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from sega_jax import cli, load_pipeline
-from sega_jax.lora import LoraError
-from sega_jax.pipeline import TRACE_COUNT
-from sega_jax.reference import save_reference, save_reference_xl
+from sega_jax import load_pipeline
+from sega_jax.cli import generate as cli
+from sega_jax.loaders.lora import LoraError
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
+from sega_jax.testing.reference import save_reference, save_reference_xl
 from tests.helpers import max_rel_diff
 
 STEPS = 3
@@ -301,7 +302,7 @@ def test_cli_lora_flag_equals_the_pipeline_and_from_png_honours_it(sd, ours, tmp
 
 
 def test_edit_command_lora_flag_equals_ledits_with_the_adapter(sd, tmp_path):
-    from sega_jax.cli_edit import load_ledits_pipeline
+    from sega_jax.cli.edit import load_ledits_pipeline
 
     lora_file = sd["files"] / "a" / "pytorch_lora_weights.safetensors"
     photo = tmp_path / "photo.png"

@@ -10,9 +10,12 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from sega_jax import cli, load_pipeline, parallel, sweep
-from sega_jax.reference import save_reference
-from sega_jax.sweep_spec import Item, groups
+from sega_jax import load_pipeline
+from sega_jax.cli import generate as cli
+from sega_jax.pipelines import parallel
+from sega_jax.sweep import command as sweep
+from sega_jax.sweep.spec import Item, groups
+from sega_jax.testing.reference import save_reference
 from tests.test_lora import TE_CFG, UNET_CFG, random_lora
 
 

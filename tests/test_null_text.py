@@ -1,5 +1,6 @@
-"""Null-text inversion (sega_jax.null_text): DDIM inversion parity with diffusers' DDIMInverseScheduler,
-null-text reconstruction beating plain DDIM inversion at guidance 7.5, per-image early stop, compile-once."""
+"""Null-text inversion (sega_jax.pipelines.null_text): DDIM inversion parity with diffusers'
+DDIMInverseScheduler, null-text reconstruction beating plain DDIM inversion at guidance 7.5, per-image early
+stop, compile-once."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from sega_jax import null_text  # noqa: E402
-from sega_jax.pipeline import SemanticStableDiffusionPipeline  # noqa: E402
+from sega_jax.pipelines import null_text  # noqa: E402
+from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline  # noqa: E402
 from tests.tiny_pipeline import save_reference  # noqa: E402
 
 STEPS = 5

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from sega_jax import parallel
-from sega_jax.guidance import EditParams
+from sega_jax.core.guidance import EditParams
+from sega_jax.pipelines import parallel
 from tests.helpers import reserved_port
 from tests.parity_store import reference_case
 
@@ -29,7 +29,8 @@ EIGHT_DEVICES = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from sega_jax import SemanticStableDiffusionPipeline, parallel
+    from sega_jax import SemanticStableDiffusionPipeline
+    from sega_jax.pipelines import parallel
 
     assert jax.local_device_count() == 8
     pipe = SemanticStableDiffusionPipeline.from_pretrained(sys.argv[1], requires_safety_checker=False)
@@ -90,7 +91,8 @@ TWO_HOSTS = textwrap.dedent(
     import jax
     jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
     import numpy as np
-    from sega_jax import SemanticStableDiffusionPipeline, parallel
+    from sega_jax import SemanticStableDiffusionPipeline
+    from sega_jax.pipelines import parallel
 
     pipe = SemanticStableDiffusionPipeline.from_pretrained(sys.argv[1], requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -111,7 +113,8 @@ NULL_TEXT_TWO_DEVICES = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from sega_jax import SemanticStableDiffusionPipeline, null_text
+    from sega_jax import SemanticStableDiffusionPipeline
+    from sega_jax.pipelines import null_text
 
     pipe = SemanticStableDiffusionPipeline.from_pretrained(sys.argv[1], requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -143,7 +146,7 @@ def model_folder(tmp_path_factory) -> Path:
     # The tiny reference model, built with torch where it is installed and read from CI's store of
     # references where it is not, so the Python 3.12 leg (newest jax) tests pmap and sharded jit too.
     def build(folder: Path) -> dict:
-        from sega_jax.reference import save_reference
+        from sega_jax.testing.reference import save_reference
 
         save_reference(folder)
         return {}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.reference import TINY_TEXT, TINY_UNET, TINY_VAE, randomize
-from sega_jax.tiny import SD_DDIM
-from sega_jax.weights import WeightLoadError
+from sega_jax.builtin.tiny import SD_DDIM
+from sega_jax.models.weights import WeightLoadError
+from sega_jax.testing.reference import TINY_TEXT, TINY_UNET, TINY_VAE, randomize
 from tests.helpers import max_rel_diff
 from tests.tiny_pipeline import build_reference
 
@@ -110,7 +110,7 @@ def build_sd2_reference():
     from diffusers.pipelines.deprecated.semantic_stable_diffusion import SemanticStableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sega_jax.tokenizer import clip_tokenizer
+    from sega_jax.models.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**dict(TINY_UNET, attention_head_dim=(2, 4), use_linear_projection=True,

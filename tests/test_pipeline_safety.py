@@ -10,7 +10,7 @@ import torch
 from diffusers.pipelines.stable_diffusion import safety_checker as ref_sc
 
 from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.reference import build_reference
+from sega_jax.testing.reference import build_reference
 from tests.helpers import max_rel_diff
 from tests.test_safety_checker import RefProcessor, _random_checker
 
@@ -84,10 +84,10 @@ def test_safety_checker_can_be_switched_off_per_call_and_at_load(pipes, tmp_path
 
 def test_missing_checker_warns_unless_not_required(tmp_path, caplog):
     build_reference().save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="sega_jax.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sega_jax.pipelines.sega.sd"):
         SemanticStableDiffusionPipeline.from_pretrained(tmp_path)
     assert "disabled the safety checker" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sega_jax.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sega_jax.pipelines.sega.sd"):
         SemanticStableDiffusionPipeline.from_pretrained(tmp_path, requires_safety_checker=False)
     assert "safety checker" not in caplog.text

@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
 from sega_jax import SemanticStableDiffusionPipeline, SemanticStableDiffusionXLPipeline, load_pipeline
-from sega_jax.pipeline import TRACE_COUNT
-from sega_jax.reference import save_reference_xl, sega_xl_reference
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.schedulers import scheduler_from_config
+from sega_jax.testing.reference import save_reference_xl, sega_xl_reference
 from tests.helpers import max_rel_diff
 
 PROMPTS = ["a photo of the face of a woman", "a cat on a hill"]
@@ -118,7 +118,7 @@ def test_schedulers_sdxl_folders_ship_equal_diffusers(pipes, scheduler):
         ours.scheduler, reference.scheduler = original_ours, original_ref
 
 
-# -- with edits: diffusers' SEGA pipeline code around diffusers' SDXL UNet (sega_jax.reference) -----------
+# -- with edits: diffusers' SEGA pipeline code around diffusers' SDXL UNet (sega_jax.testing.reference) ------
 
 
 @pytest.mark.parametrize("edits", [

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax.image_processing import CLIPImageProcessor, load_feature_extractor
 from sega_jax.models import safety_checker as sc
-from sega_jax.weights import WeightLoadError
+from sega_jax.models.image_processing import CLIPImageProcessor, load_feature_extractor
+from sega_jax.models.weights import WeightLoadError
 from tests.helpers import max_rel_diff
 
 torch = pytest.importorskip("torch")

@@ -18,7 +18,7 @@ pytest.importorskip("diffusers")
 
 
 from sega_jax import LEditsPPPipelineStableDiffusion, SemanticStableDiffusionPipeline  # noqa: E402
-from sega_jax.reference import ledits_reference, recorded_inversion, smooth_photo  # noqa: E402
+from sega_jax.testing.reference import ledits_reference, recorded_inversion, smooth_photo  # noqa: E402
 from tests.test_ledits import EDITS, MARGIN, quantile_margin, rel  # noqa: E402
 from tests.test_sdxl_heavy import randomize_norms  # noqa: E402
 
@@ -35,7 +35,7 @@ def photo(seed: int = 0):
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory) -> dict:
     """diffusers' SD 1.5-architecture SEGA pipeline (norms randomised), saved to a folder ours loads."""
-    from sega_jax.reference import build_reference
+    from sega_jax.testing.reference import build_reference
 
     folder = tmp_path_factory.mktemp("sd15")
     reference = build_reference("sd15", randomized=False)
@@ -79,7 +79,7 @@ def psnr(a, b) -> float:
 
 
 def test_null_text_halves_ddim_inversion_error_on_the_sd15_architecture(sd15):
-    from sega_jax.pipeline import _decode
+    from sega_jax.pipelines.sega.sd import _decode
 
     sd15.pop("reference", None)
     pipe = SemanticStableDiffusionPipeline.from_pretrained(sd15["folder"], requires_safety_checker=False)

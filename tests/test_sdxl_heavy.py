@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from sega_jax.benchmark import release_freed_memory
+from sega_jax.bench.sega import release_freed_memory
 from sega_jax.models.unet import load_unet
-from sega_jax.reference import SDXL_UNET
+from sega_jax.testing.reference import SDXL_UNET
 from tests.helpers import max_rel_diff, nchw_to_nhwc
 from tests.test_unet import inputs
 from tests.test_unet_sdxl import jax_forward, torch_forward

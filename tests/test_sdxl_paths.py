@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax import cli, load_pipeline, parallel, sweep
-from sega_jax.reference import save_reference_xl
+from sega_jax import load_pipeline
+from sega_jax.cli import generate as cli
+from sega_jax.pipelines import parallel
+from sega_jax.sweep import command as sweep
+from sega_jax.testing.reference import save_reference_xl
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a woman"
@@ -124,7 +127,8 @@ TWO_DEVICES = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from sega_jax import load_pipeline, parallel
+    from sega_jax import load_pipeline
+    from sega_jax.pipelines import parallel
 
     assert jax.local_device_count() == 2
     pipe = load_pipeline(sys.argv[1])

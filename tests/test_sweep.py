@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax import SemanticStableDiffusionPipeline, sweep, sweep_files
+from sega_jax import SemanticStableDiffusionPipeline
+from sega_jax.sweep import command as sweep
+from sega_jax.sweep import files as sweep_files
 from tests.helpers import reserved_port
 from tests.tiny_pipeline import save_reference
 

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sega_jax import cli, sweep, sweep_store
-from sega_jax.sweep_store import Worker
+from sega_jax.cli import generate as cli
+from sega_jax.sweep import command as sweep
+from sega_jax.sweep import store as sweep_store
+from sega_jax.sweep.store import Worker
 
 # The emulator has no storage-control (gRPC) API: without this gcsfs waits 60 s per bucket probing for one.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -49,7 +51,7 @@ RUN = "import sys; from sega_jax import sweep; sys.exit(sweep.main(sys.argv[1:])
 # images uploaded, their records not).
 STOP_HOOK = """
 import os, signal
-from sega_jax import sweep_store
+from sega_jax.sweep import store as sweep_store
 
 _after, _at, _pngs = int(os.environ["STOP_AFTER"]), os.environ["STOP_AT"], [0]
 _write = sweep_store.ObjectStore.write

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.tiny import SD_DDIM, save_tiny, tiny_models, tiny_pipeline
+from sega_jax.builtin.tiny import SD_DDIM, save_tiny, tiny_models, tiny_pipeline
 
 CALL = dict(prompt="a photo of the face of a woman", editing_prompt=["smiling, smile", "glasses"],
             edit_warmup_steps=1, num_inference_steps=3, output_type="np")

@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from sega_jax.models.unet import UNetConfig, load_unet
-from sega_jax.reference import SD15_UNET, randomize
+from sega_jax.testing.reference import SD15_UNET, randomize
 from tests.helpers import jit_module_call, max_rel_diff, nchw_to_nhwc
 
 SD1_TINY = dict(

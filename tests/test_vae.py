@@ -180,9 +180,9 @@ def test_unsupported_config_raises_from_folder(sd_tiny, tmp_path):
 
 
 def test_tiny_models_8x_vae_matches_diffusers(tmp_path):
-    """sega_jax.tiny's four-level (8x) VAE, saved as a diffusers folder by `save_tiny`, against diffusers'
-    AutoencoderKL loading that folder: encode (mean, logvar) and decode, on a non-square image."""
-    from sega_jax.tiny import save_tiny, tiny_models
+    """sega_jax.builtin.tiny's four-level (8x) VAE, saved as a diffusers folder by `save_tiny`, against
+    diffusers' AutoencoderKL loading that folder: encode (mean, logvar) and decode, on a non-square image."""
+    from sega_jax.builtin.tiny import save_tiny, tiny_models
 
     folder = save_tiny(tmp_path / "tiny")
     twin = TorchAutoencoderKL.from_pretrained(folder / "vae").eval()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sega_jax import xla_options
+from sega_jax.runtime import xla_options
 from tests.parity_store import reference_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +76,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sega_jax import parallel
+from sega_jax.pipelines import parallel
 from sega_jax.models import safety_checker as sc
-from sega_jax.tiny import tiny_pipeline
+from sega_jax.builtin.tiny import tiny_pipeline
 
 pipe = tiny_pipeline()
 pipe.set_progress_bar_config(disable=True)

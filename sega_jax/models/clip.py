@@ -34,7 +34,7 @@ from flax import nnx
 
 from sega_jax.models.attention import dot_product_attention
 from sega_jax.models.layers import Embedding, LayerNorm, Linear, gelu
-from sega_jax.weights import WeightLoadError, load_model, read_json, resolve_dtype
+from sega_jax.models.weights import WeightLoadError, load_model, read_json, resolve_dtype
 
 Array = jax.Array
 

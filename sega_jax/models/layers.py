@@ -2,7 +2,7 @@
 
 Parameter names mirror the diffusers/transformers checkpoint keys (`weight`, `bias`), so a module's
 state path joined with dots *is* the checkpoint key. Each layer records how its torch tensors map onto
-ours in `TORCH_LAYOUT` (see `sega_jax.weights`). Images are NHWC, XLA's native layout.
+ours in `TORCH_LAYOUT` (see `sega_jax.models.weights`). Images are NHWC, XLA's native layout.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sega_jax import xla_options
 from sega_jax.models.attention import dot_product_attention
 from sega_jax.models.placement import computed_after
+from sega_jax.runtime import xla_options
 
 Array = jax.Array
 

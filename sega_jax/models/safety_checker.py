@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sega_jax import xla_options
-from sega_jax.image_processing import CLIPImageProcessor
 from sega_jax.models.clip import ACTIVATIONS, CLIPEncoder
+from sega_jax.models.image_processing import CLIPImageProcessor
 from sega_jax.models.layers import Conv2d, Embedding, LayerNorm, Linear
-from sega_jax.weights import WeightLoadError, load_model, read_json, resolve_dtype
+from sega_jax.models.weights import WeightLoadError, load_model, read_json, resolve_dtype
+from sega_jax.runtime import xla_options
 
 Array = jax.Array
 logger = logging.getLogger(__name__)

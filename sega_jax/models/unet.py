@@ -339,7 +339,7 @@ class UNet2DConditionModel(nnx.Module):
 def load_unet(folder: str | os.PathLike, *, dtype=None, variant: str | None = None,
               allow_pickle: bool = False) -> UNet2DConditionModel:
     """Load a diffusers `unet/` folder (config.json + safetensors) into our UNet."""
-    from sega_jax.weights import load_model, read_json, resolve_dtype
+    from sega_jax.models.weights import load_model, read_json, resolve_dtype
 
     config = UNetConfig.from_diffusers(read_json(os.path.join(folder, "config.json")))
     build_dtype = resolve_dtype(dtype) or jnp.float32

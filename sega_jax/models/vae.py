@@ -1,7 +1,7 @@
 """Flax NNX port of diffusers' `AutoencoderKL` (the Stable Diffusion VAE), NHWC inside.
 
 Attribute names mirror diffusers' modules, so each parameter's state path joined with dots is its
-checkpoint key (e.g. `decoder.mid_block.attentions.0.to_q.weight`); see `sega_jax.weights`.
+checkpoint key (e.g. `decoder.mid_block.attentions.0.to_q.weight`); see `sega_jax.models.weights`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sega_jax.models.layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
-from sega_jax.weights import load_model, read_json, resolve_dtype
+from sega_jax.models.weights import load_model, read_json, resolve_dtype
 
 Array = jax.Array
 

@@ -1,15 +1,15 @@
-"""The pipeline families, side by side on one SEGA core (`sega_jax.pipeline`: prepare / denoise / finish):
-SD 1.x/2.x (`SemanticStableDiffusionPipeline`) and SDXL (`SemanticStableDiffusionXLPipeline`)."""
+"""The pipeline families, side by side on one SEGA core (`sega_jax.pipelines.sega.sd`: prepare / denoise /
+finish): SD 1.x/2.x (`SemanticStableDiffusionPipeline`) and SDXL (`SemanticStableDiffusionXLPipeline`)."""
 
 from __future__ import annotations
 
 import os
 
-from sega_jax.loading import is_xl_folder, resolve_folder
-from sega_jax.pipeline import SemanticStableDiffusionPipeline
-from sega_jax.pipelines.ledits import LEditsPPPipelineStableDiffusion
-from sega_jax.pipelines.ledits_xl import LEditsPPPipelineStableDiffusionXL
-from sega_jax.pipelines.sdxl import SemanticStableDiffusionXLPipeline
+from sega_jax.loaders.folders import is_xl_folder, resolve_folder
+from sega_jax.pipelines.ledits_pp.sd import LEditsPPPipelineStableDiffusion
+from sega_jax.pipelines.ledits_pp.sdxl import LEditsPPPipelineStableDiffusionXL
+from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline
+from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline
 
 __all__ = ["LEditsPPPipelineStableDiffusion", "LEditsPPPipelineStableDiffusionXL",
            "SemanticStableDiffusionPipeline", "SemanticStableDiffusionXLPipeline", "ledits_pipeline_for",
@@ -24,10 +24,10 @@ def pipeline_class(folder: str | os.PathLike, variant: str | None = None) -> typ
 
 def load_pipeline(path_or_hub_id: str | os.PathLike, **kwargs):
     """The right pipeline for a folder, hub id or offline name ("demo": the small trained model shipped in
-    the package, see `sega_jax.demo`; "tiny": the random-weight SD model, built in-process):
+    the package, see `sega_jax.builtin.demo`; "tiny": the random-weight SD model, built in-process):
     `from_pretrained(path_or_hub_id, **kwargs)` of the class `pipeline_class` picks."""
     if str(path_or_hub_id) == "tiny":
-        from sega_jax.tiny import tiny_pipeline
+        from sega_jax.builtin.tiny import tiny_pipeline
 
         return tiny_pipeline(**kwargs)
     cls = pipeline_class(path_or_hub_id, kwargs.get("variant"))

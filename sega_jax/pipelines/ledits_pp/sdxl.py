@@ -1,0 +1,228 @@
+"""LEditsPPPipelineStableDiffusionXL: LEDITS++ (invert a photo, then edit it with semantic concepts) on SDXL.
+
+diffusers' `LEditsPPPipelineStableDiffusionXL` with its arguments and defaults, on the SD LEDITS++ pipeline
+(`sega_jax.pipelines.ledits_pp.sd`: the same inversion, guidance, implicit masks and compiled programs) with
+SDXL's text conditioning from `sega_jax.pipelines.sega.sdxl` (both encoders' penultimate hidden states side by
+side, the second encoder's pooled projection, the micro-conditioning time ids), as the reference does:
+
+- `invert`: the unconditional copy is the negative prompt's (zeros when none is given and the folder says
+  `force_zeros_for_empty_prompt`); a non-empty source prompt guides towards itself; the last
+  `num_zero_noise_steps` noise maps (the least noisy steps) are zeroed.
+- `__call__`: each concept is its own copy with its own hidden states and pooled embedding and the
+  unconditional copy's time ids (original and target size: the photo's; `crops_coords_top_left`); the
+  attention store reads the down and up blocks' cross-attention at 1/4 of the latent size (not the mid
+  block's); the masks' intersection applies at every step (the SD reference only at t <= 800);
+  `use_intersect_mask` defaults to False; `denoising_end` stops early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sega_jax.core.inversion import LEditsPPInversion
+from sega_jax.loaders.folders import load_components
+from sega_jax.pipelines import inputs
+from sega_jax.pipelines.ledits_pp.sd import (
+    LEditsPPPipelineStableDiffusion,
+    edit_params,
+    ledits_scheduler_kwargs,
+    state_dtype,
+)
+from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline, _time_ids
+
+_XL = SemanticStableDiffusionXLPipeline
+
+
+class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
+    """LEDITS++ on SDXL: `invert(image, ...)` once, then `__call__(editing_prompt=[...], ...)`."""
+
+    honours_force_upcast = True  # as diffusers' SDXL pipelines: an fp16 VAE decodes in fp32
+
+    # SDXL's conditioning, shared with the SEGA SDXL pipeline (the same attributes back them).
+    _check_embedding_size = _XL._check_embedding_size
+    _encode_xl = _XL._encode_xl
+    _negative = _XL._negative
+    _concept_embeddings = _XL._concept_embeddings
+    _xl_concepts = _XL._concepts
+
+    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
+                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
+                 add_watermarker: bool | None = None):
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError("LEditsPPPipelineStableDiffusionXL needs an SDXL UNet (addition_embed_type="
+                             "'text_time'); for SD 1.x/2.x use LEditsPPPipelineStableDiffusion")
+        if image_encoder is not None:
+            raise ValueError("`image_encoder` (IP-Adapter) is not supported")
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, requires_safety_checker=False)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self._text_2 = nnx.split(text_encoder_2)
+        self._check_embedding_size()
+        self._invert_xl: dict | None = None  # the XL arguments of the `invert` call in progress
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=None, variant: str | None = None,
+                        allow_pickle: bool = False, **components) -> LEditsPPPipelineStableDiffusionXL:
+        """Load an SDXL diffusers folder (or hub id), also one saved by diffusers' LEDITS++."""
+        components = ledits_scheduler_kwargs(path_or_hub_id, {"variant": variant, **components})
+        components.pop("variant")
+        parts = load_components(path_or_hub_id, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
+                                xl=True, **components)
+        return cls(**parts)
+
+    # -- invert -----------------------------------------------------------------------------------------
+
+    def invert(self, image, source_prompt: str = "", source_guidance_scale: float = 3.5,
+               negative_prompt: str | None = None, negative_prompt_2: str | None = None,
+               num_inversion_steps: int = 50, skip: float = 0.15, generator=None,
+               crops_coords_top_left: tuple[int, int] = (0, 0), num_zero_noise_steps: int = 3,
+               cross_attention_kwargs=None, height: int | None = None, width: int | None = None,
+               resize_mode: str | None = "default", crops_coords=None, *, seed: int | None = None,
+               prng_key=None, noise=None) -> LEditsPPInversion:
+        """As the SD pipeline's `invert`, with SDXL's negative prompts, micro-conditioning crop and
+        `num_zero_noise_steps` (the last noise maps in editing order set to zero)."""
+        zero = inputs.check_int(num_zero_noise_steps, "num_zero_noise_steps", minimum=0)
+        _time_ids((1, 1), crops_coords_top_left, (1, 1), "")  # a bad crop fails before any work
+        self._invert_xl = dict(negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+                               crops_coords_top_left=crops_coords_top_left)
+        try:
+            inversion = super().invert(
+                image, source_prompt, source_guidance_scale, num_inversion_steps, skip, generator,
+                cross_attention_kwargs, None, height, width, resize_mode, crops_coords, seed=seed,
+                prng_key=prng_key, noise=noise)
+        finally:
+            self._invert_xl = None
+        if zero:
+            zs = inversion.zs.copy()
+            zs[-zero:] = 0.0
+            inversion = dataclasses.replace(inversion, zs=zs)
+        self.inversion = inversion
+        return inversion
+
+    def _source_context(self, source_prompt: str, guidance_scale: float, batch: int, clip_skip,
+                        latent_size: tuple[int, int] | None = None):
+        """({"context", "text_embeds", "time_ids"} each (copies, B, ...), copies): [uncond] for an empty
+        source prompt (as the reference), [uncond, source] with guidance, else the source alone (the
+        reference then uses the unconditional estimate alone, ignoring the prompt)."""
+        args = self._invert_xl or {}
+        size = tuple(n * self.vae_scale_factor for n in latent_size)
+        crop = args.get("crops_coords_top_left", (0, 0))
+        ids = jnp.broadcast_to(_time_ids(size, crop, size, ""), (batch, 6))
+        prompts = [source_prompt] * batch
+        uncond = self._negative(args.get("negative_prompt"), args.get("negative_prompt_2"), prompts,
+                                self._zero_text(batch))
+        if source_prompt == "":
+            copies = [uncond]
+        else:
+            text = self._encode_xl(prompts, prompts)
+            copies = [text] if guidance_scale <= 1.0 else [uncond, text]
+        copies = [dict(c, time_ids=ids) for c in copies]
+        return jax.tree.map(lambda *xs: jnp.stack([x.astype(xs[0].dtype) for x in xs]), *copies), len(copies)
+
+    def _zero_text(self, batch: int) -> dict:
+        """Zero conditioning of the encoders' shapes (what `_negative` zeroes for an absent prompt)."""
+        hidden = (batch, self.tokenizer.model_max_length, self.unet.config.cross_attention_dim[0])
+        return {"context": jnp.zeros(hidden, state_dtype(self._text[1])),
+                "text_embeds": jnp.zeros((batch, self.text_encoder_2.config.projection_dim),
+                                         state_dtype(self._text_2[1]))}
+
+    # -- edit -------------------------------------------------------------------------------------------
+
+    def __call__(self, denoising_end: float | None = None, negative_prompt=None, negative_prompt_2=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, ip_adapter_image=None,
+                 output_type: str | None = "pil", return_dict: bool = True, cross_attention_kwargs=None,
+                 guidance_rescale: float = 0.0, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, editing_prompt=None,
+                 editing_prompt_embeddings=None, editing_pooled_prompt_embeds=None,
+                 reverse_editing_direction=False, edit_guidance_scale=5, edit_warmup_steps=0,
+                 edit_cooldown_steps=None, edit_threshold=0.9, sem_guidance=None,
+                 use_cross_attn_mask: bool = False, use_intersect_mask: bool = False, user_mask=None,
+                 attn_store_steps=None, store_averaged_over_steps: bool = True, clip_skip: int | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, *,
+                 inversion: LEditsPPInversion | None = None):
+        """Edit the last inverted photo(s) (or `inversion`). `attn_store_steps` and
+        `store_averaged_over_steps` only fill the reference's visualisation store and change nothing."""
+        if ip_adapter_image is not None or cross_attention_kwargs or callback_on_step_end is not None:
+            raise ValueError("`ip_adapter_image`, `cross_attention_kwargs` and `callback_on_step_end` are "
+                             "not supported")
+        inversion = self._edit_inversion(
+            inversion, output_type, edit_guidance_scale=edit_guidance_scale, edit_threshold=edit_threshold,
+            guidance_rescale=guidance_rescale, user_mask=user_mask, sem_guidance=sem_guidance,
+            editing_prompt_embeddings=editing_prompt_embeddings,
+            editing_pooled_prompt_embeds=editing_pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        batch, _, h, w = inversion.init_latents.shape
+        clip_skip = inputs.check_int(clip_skip, "clip_skip", allow_none=True) or None
+        steps = self._denoising_steps(denoising_end, inversion)
+        concepts, tokens = self._edit_concepts(editing_prompt, editing_prompt_embeddings,
+                                               editing_pooled_prompt_embeds, clip_skip)
+        k = 0 if concepts is None else int(concepts["context"].shape[0])
+        params = edit_params(k, tokens, edit_guidance_scale=edit_guidance_scale,
+                             edit_threshold=edit_threshold, edit_warmup_steps=edit_warmup_steps,
+                             edit_cooldown_steps=edit_cooldown_steps,
+                             reverse_editing_direction=reverse_editing_direction,
+                             guidance_rescale=guidance_rescale)
+        size = (h * self.vae_scale_factor, w * self.vae_scale_factor)
+        ids = _time_ids(size, crops_coords_top_left, size if target_size is None else target_size, "")
+        uncond = self._edit_uncond(negative_prompt, negative_prompt_2, negative_prompt_embeds,
+                                   negative_pooled_prompt_embeds, batch)
+        uncond["time_ids"] = jnp.broadcast_to(ids, (batch, 6))
+        context = jax.tree.map(lambda u: u[None], uncond)
+        if k:
+            concepts["time_ids"] = jnp.broadcast_to(ids, (k, 6))
+            tiled = jax.tree.map(lambda c, u: jnp.broadcast_to(c[:, None].astype(u.dtype), (k, *u.shape)),
+                                 concepts, uncond)
+            context = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), context, tiled)
+        out = self._edit_latents(inversion, context, k, params, user_mask, sem_guidance,
+                                 cross_attn=bool(use_cross_attn_mask or use_intersect_mask),
+                                 intersect=bool(use_intersect_mask), num_steps=steps,
+                                 intersect_every_step=True)
+        return self.finish(out, output_type, return_dict, inversion.seed, run_safety_checker=False)
+
+    def _denoising_steps(self, denoising_end, inversion: LEditsPPInversion) -> int:
+        """How many editing steps run: all, or those at timesteps >= the `denoising_end` cutoff."""
+        timesteps = np.asarray(inversion.timesteps)
+        if denoising_end is None:
+            return len(timesteps)
+        end = inputs._number(denoising_end, "denoising_end")
+        if not 0.0 < end < 1.0:  # the reference ignores values outside (0, 1)
+            return len(timesteps)
+        total = int(self.scheduler.num_train_timesteps)
+        cutoff = int(round(total - end * total))
+        return int((timesteps >= cutoff).sum())
+
+    def _edit_concepts(self, editing_prompt, hidden, pooled, clip_skip):
+        """({"context": (K, L, D), "text_embeds": (K, P)} or None, (K,) own-token counts)."""
+        if editing_prompt and (hidden is not None or pooled is not None):
+            raise ValueError("pass either `editing_prompt` or `editing_prompt_embeddings`, not both")
+        concepts = self._xl_concepts(editing_prompt, self._concept_embeddings(hidden, pooled), 1, 1,
+                                     clip_skip=clip_skip)
+        if concepts is None:
+            return None, []
+        if editing_prompt:
+            texts = inputs.prompt_list(editing_prompt, "editing_prompt")
+            ids = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+            return concepts, [len(row) - 2 for row in ids]
+        # No text: every token but start-of-text counts (what the reference sums under transformers 5).
+        return concepts, [self.tokenizer.model_max_length - 2] * int(concepts["context"].shape[0])
+
+    def _edit_uncond(self, negative_prompt, negative_prompt_2, embeds, pooled, batch: int) -> dict:
+        if embeds is not None or pooled is not None:
+            if negative_prompt is not None or negative_prompt_2 is not None:
+                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+            if embeds is None or pooled is None:
+                raise ValueError("`negative_prompt_embeds` need `negative_pooled_prompt_embeds` (and the "
+                                 "other way round)")
+            zero = self._zero_text(batch)
+            return {"context": jnp.asarray(inputs.check_array(embeds, "negative_prompt_embeds",
+                                                              zero["context"].shape)),
+                    "text_embeds": jnp.asarray(inputs.check_array(pooled, "negative_pooled_prompt_embeds",
+                                                                  zero["text_embeds"].shape))}
+        return self._negative(negative_prompt, negative_prompt_2, [""] * batch, self._zero_text(batch))

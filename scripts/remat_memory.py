@@ -19,7 +19,7 @@ from flax import nnx
 from sega_jax import SemanticStableDiffusionPipeline
 from sega_jax.bench.sega import CONCEPTS
 from sega_jax.core.sampler import sega_sample
-from sega_jax.pipelines.sega.sd import denoiser
+from sega_jax.pipelines.base import denoiser
 
 
 def temp_bytes(pipe, steps: int, size: int, concepts: int, remat: bool) -> int:

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sega_jax.builtin.demo import default_model
+from sega_jax.version import __version__
+
 MODEL_ENV = "SEGA_JAX_MODEL"
 METADATA_KEY = "sega_jax"  # the PNG text chunk holding the full settings as JSON
 FORMAT = "sega-jax/1"
@@ -188,8 +191,6 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, int | None]:
             index = None  # a new batch size: write the whole batch
     settings = {**DEFAULTS, **from_png, **given}
     if not settings["model"]:
-        from sega_jax.builtin.demo import default_model
-
         settings["model"] = os.environ.get(MODEL_ENV) or default_model()
     if not settings["prompt"]:
         raise CLIError("--prompt is required (or --from-png FILE)")
@@ -322,8 +323,6 @@ def parameters_text(settings: dict, sampler: str, index: int) -> str:
         pairs["SEGA"] = " | ".join(settings["edit"])
         pairs["SEGA momentum"] = _num(settings["momentum_scale"])
         pairs["SEGA momentum beta"] = _num(settings["mom_beta"])
-    from sega_jax import __version__
-
     pairs["Version"] = f"sega-jax {__version__}"
     lines.append(", ".join(f"{key}: {_field(value)}" for key, value in pairs.items()))
     return "\n".join(lines)
@@ -333,8 +332,6 @@ def png_info(settings: dict, scheduler_config: dict, index: int, pipeline: str |
     """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce); `pipeline`
     is the pipeline class's name."""
     from PIL.PngImagePlugin import PngInfo
-
-    from sega_jax import __version__
 
     info = PngInfo()
     info.add_text("parameters", parameters_text(settings, sampler_name(scheduler_config), index))

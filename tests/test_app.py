@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import sega_jax.app as sega_app
+from sega_jax import load_pipeline
 from sega_jax.app import core as app_core
-from sega_jax.app import session as sega_app
 from sega_jax.settings import METADATA_KEY, parameters_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +113,7 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     """The app on the tiny model, served on 127.0.0.1 by this process (so the test reads its trace counts)."""
     pytest.importorskip("gradio")
-    from sega_jax.builtin.tiny import load_pipeline
-
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny", progress=False)
     app = sega_app.build(pipe, "tiny", tmp_path_factory.mktemp("pngs"))
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

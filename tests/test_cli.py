@@ -185,7 +185,7 @@ def test_from_png_without_settings(tmp_path, capsys):
 
 def test_no_cache_switches_the_pipeline_cache_off(monkeypatch):
     monkeypatch.setenv("SEGA_JAX_CACHE_DIR", "/somewhere")
-    cli._configure_cache(no_cache=True)
+    cli.configure_cache(no_cache=True)
     assert os.environ["SEGA_JAX_CACHE_DIR"] == "off"
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sega_jax.builtin.tiny import tiny_pipeline
+from sega_jax import load_pipeline
 from sega_jax.pipelines import gradients
 
 PROMPT = "a photo of a face"
@@ -19,7 +19,7 @@ KW = dict(editing_prompt=["smiling", "glasses"], edit_warmup_steps=[1, 0], edit_
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = tiny_pipeline()
+    pipe = load_pipeline("tiny")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -17,7 +17,7 @@ from sega_jax.core.sampler import sega_sample
 from sega_jax.models import layers
 from sega_jax.models.layers import Conv2d, Linear, fp32_at_use
 from sega_jax.models.unet import UNet2DConditionModel, UNetConfig
-from sega_jax.pipelines.sega.sd import denoiser
+from sega_jax.pipelines.base import denoiser
 from sega_jax.runtime import xla_options
 from sega_jax.schedulers import scheduler_from_name
 from tests.helpers import beyond_one_rounding, in_fp32
@@ -119,7 +119,7 @@ def test_jit_compiles_half_precision_calls_with_the_half_precision_options(monke
 def test_sharded_jit_programs_get_the_half_precision_options_for_half_precision_weights(monkeypatch):
     """`parallel`'s sharded jit and the data-parallel null-text inversion build their own `jax.jit`: they
     ask for the half-precision options exactly when the weights are bf16/fp16."""
-    from sega_jax.builtin.tiny import tiny_pipeline
+    from sega_jax import load_pipeline
     from sega_jax.pipelines import parallel
 
     chosen, real = [], xla_options.compiler_options
@@ -132,7 +132,7 @@ def test_sharded_jit_programs_get_the_half_precision_options_for_half_precision_
     monkeypatch.setattr(xla_options, "compiler_options", recording)
     photo = np.full((1, 16, 16, 3), 0.5, np.float32)
     for dtype in (jnp.float32, jnp.bfloat16):
-        pipe = tiny_pipeline(dtype=dtype)
+        pipe = load_pipeline("tiny", dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         parallel.generate(pipe, "a cat", height=16, width=16, num_inference_steps=1, mode="jit",
                           output_type="latent")

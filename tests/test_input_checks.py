@@ -18,8 +18,8 @@ from sega_jax import SemanticStableDiffusionPipeline
 from sega_jax.cli import generate as cli
 from sega_jax.core.sampler import SampleOutput
 from sega_jax.pipelines import inputs
+from sega_jax.pipelines.base import TRACE_COUNT
 from sega_jax.pipelines.inputs import IneffectiveEditWarning
-from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.sweep import command as sweep
 from tests.tiny_pipeline import save_reference
 

@@ -79,13 +79,13 @@ def psnr(a, b) -> float:
 
 
 def test_null_text_halves_ddim_inversion_error_on_the_sd15_architecture(sd15):
-    from sega_jax.pipelines.sega.sd import _decode
+    from sega_jax.pipelines.base import decode as vae_decode
 
     sd15.pop("reference", None)
     pipe = SemanticStableDiffusionPipeline.from_pretrained(sd15["folder"], requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    decode = lambda nchw: np.asarray(_decode(*pipe._vae, np.moveaxis(np.asarray(nchw), 1, -1),
-                                             pipe.vae.config.scaling_factor))
+    decode = lambda nchw: np.asarray(vae_decode(*pipe._vae, np.moveaxis(np.asarray(nchw), 1, -1),
+                                                pipe.vae.config.scaling_factor))
     mse, image_psnr = {}, {}
     for method in ("ddim", "null-text"):
         inv = pipe.invert(photo(1), prompt=PROMPT, num_inference_steps=3, method=method)

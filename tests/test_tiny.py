@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.builtin.tiny import SD_DDIM, save_tiny, tiny_models, tiny_pipeline
+from sega_jax import SemanticStableDiffusionPipeline, load_pipeline
+from sega_jax.builtin.tiny import SD_DDIM, save_tiny, tiny_models
 
 CALL = dict(prompt="a photo of the face of a woman", editing_prompt=["smiling, smile", "glasses"],
             edit_warmup_steps=1, num_inference_steps=3, output_type="np")
@@ -20,7 +20,7 @@ def _params(model) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pipe() -> SemanticStableDiffusionPipeline:
-    pipe = tiny_pipeline()
+    pipe = load_pipeline("tiny")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

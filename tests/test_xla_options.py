@@ -78,9 +78,9 @@ import numpy as np
 
 from sega_jax.pipelines import parallel
 from sega_jax.models import safety_checker as sc
-from sega_jax.builtin.tiny import tiny_pipeline
+from sega_jax import load_pipeline
 
-pipe = tiny_pipeline()
+pipe = load_pipeline("tiny")
 pipe.set_progress_bar_config(disable=True)
 kw = dict(num_inference_steps=2, height=16, width=16, editing_prompt=["glasses"], edit_warmup_steps=0,
           output_type="np", seed=0)
@@ -95,7 +95,7 @@ def others_conv(x, w):
 
 jax.jit(others_conv)(jnp.ones((2, 32, 32, 32)), jnp.ones((3, 3, 32, 32)))
 '''
-OURS = {"_denoise": "SEGA loop", "_decode": "VAE decode", "_encode_text": "text encoder",
+OURS = {"_denoise": "SEGA loop", "decode": "VAE decode", "encode_text": "text encoder",
         "_check": "safety checker", "run": "parallel.generate (sharded jit)"}
 
 
@@ -148,7 +148,7 @@ def test_our_jitted_programs_carry_the_options_and_other_code_does_not(tmp_path)
         assert sorted(line for line in options.splitlines() if "ynn_fusion_type" in line) == wanted, what
         convolutions, in_ynn = _ynn_convolutions(hlo)
         assert in_ynn == 0, f"{what}: {in_ynn} of {convolutions} convolutions left to YNNPACK"
-        if name in ("_denoise", "_decode", "run"):
+        if name in ("_denoise", "decode", "run"):
             assert convolutions > 0, what
     options, hlo = program("others_conv")
     assert "ynn_fusion_type" not in options

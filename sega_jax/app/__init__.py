@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from sega_jax.app.session import Session, default_model, require_gradio
 from sega_jax.app.ui import blocks
-from sega_jax.builtin.tiny import load_pipeline
+from sega_jax.pipelines import load_pipeline
 from sega_jax.settings import MODEL_ENV
 
 __all__ = ["Session", "build", "build_parser", "main"]
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require_gradio()  # before the model loads: a missing extra is reported at once
 
     model = args.model or default_model()
-    pipe = load_pipeline(model, dtype=args.dtype)
+    pipe = load_pipeline(model, dtype=args.dtype, progress=False, requires_safety_checker=False)
     app = build(pipe, model)
     print(f"sega-jax app: {model} ({type(pipe).__name__}) on http://{args.host}:{args.port}", flush=True)
     app.launch(server_name=args.host, server_port=args.port)

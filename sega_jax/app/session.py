@@ -37,6 +37,9 @@ from sega_jax.app.core import (
     user_errors,
     watch,
 )
+from sega_jax.builtin.demo import default_model as shipped_default
+from sega_jax.core.sampler import SampleOutput
+from sega_jax.pipelines import family_of_pipeline, ledits_pipeline_for, parallel
 from sega_jax.settings import DEFAULTS, MODEL_ENV, Edit, edit_kwargs, png_info, prepare_kwargs
 
 # -- model choice and Gradio ---------------------------------------------------------------------------------
@@ -44,8 +47,6 @@ from sega_jax.settings import DEFAULTS, MODEL_ENV, Edit, edit_kwargs, png_info, 
 
 def default_model() -> str:
     """$SEGA_JAX_MODEL, else 'demo' when the trained demo model ships in this installation, else 'tiny'."""
-    from sega_jax.builtin.demo import default_model as shipped_default
-
     return os.environ.get(MODEL_ENV) or shipped_default()
 
 
@@ -94,15 +95,11 @@ class Session:
 
     @property
     def default_guidance(self) -> float:
-        from sega_jax.cli.generate import default_guidance
-
-        return default_guidance(self.pipe)
+        return family_of_pipeline(self.pipe).default_guidance
 
     @property
     def editor(self):
         if self._editor is None:
-            from sega_jax.pipelines import ledits_pipeline_for
-
             self._editor = ledits_pipeline_for(self.pipe)
         return self._editor
 
@@ -161,9 +158,6 @@ class Session:
     def sweep(self, request: GenerateRequest, concept: int, strengths: Sequence[float]) -> tuple[list, str]:
         """Concept `concept` (0-based) at each strength, the others as set: one compiled call.
         Returns [(image, caption)] and the status."""
-        from sega_jax.core.sampler import SampleOutput
-        from sega_jax.pipelines import parallel
-
         if not request.edits:
             raise AppError("the sweep needs a concept: add one with a text")
         if not 0 <= concept < len(request.edits):

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sega_jax.testing.reference import smooth_photo
+from sega_jax.bench.common import CONCEPTS, PeakRSS, build_reference, describe_difference
+from sega_jax.pipelines import LEditsPPPipelineStableDiffusion
+from sega_jax.testing.reference import ledits_reference, recorded_inversion, smooth_photo
 
 SKIP = 0.15  # diffusers' default
 
 
 def edit_kwargs(args) -> dict:
-    from sega_jax.bench.sega import CONCEPTS
 
     k = args.concepts
     # The tiny model has no cross-attention at 1/4 of the latent size: the noise-magnitude mask there.
@@ -36,8 +37,6 @@ def time_diffusers(reference, args) -> tuple[dict, np.ndarray]:
     import torch
     from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as module
 
-    from sega_jax.bench.sega import PeakRSS
-    from sega_jax.testing.reference import recorded_inversion
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     invert = dict(num_inversion_steps=args.steps, skip=SKIP)
@@ -58,8 +57,6 @@ def time_diffusers(reference, args) -> tuple[dict, np.ndarray]:
 
 
 def time_ours(folder: Path, noise: np.ndarray, args) -> dict:
-    from sega_jax import LEditsPPPipelineStableDiffusion
-    from sega_jax.bench.sega import PeakRSS
 
     pipe = LEditsPPPipelineStableDiffusion.from_pretrained(folder, dtype=args.dtype,
                                                            requires_safety_checker=False)
@@ -85,8 +82,6 @@ def time_ours(folder: Path, noise: np.ndarray, args) -> dict:
 
 
 def run(args, folder: Path) -> None:
-    from sega_jax.bench.sega import build_reference, describe_difference
-    from sega_jax.testing.reference import ledits_reference
 
     reference = ledits_reference(build_reference(args.model, folder))
     theirs, noise = (None, None) if args.skip_diffusers else time_diffusers(reference, args)

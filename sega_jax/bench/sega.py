@@ -26,63 +26,21 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-CONCEPTS = [
-    "smiling, smile",
-    "glasses, wearing glasses",
-    "curls, wavy hair, curly hair",
-    "beard, full beard, mustache",
-    "hat",
-    "sunglasses",
-    "red hair",
-    "freckles",
-]
-
+from sega_jax.bench import ledits as benchmark_ledits
+from sega_jax.bench.common import CONCEPTS, PeakRSS, build_reference, describe_difference
+from sega_jax.pipelines import SemanticStableDiffusionPipeline, SemanticStableDiffusionXLPipeline
+from sega_jax.testing.reference import build_reference_xl as build
+from sega_jax.testing.reference import sega_xl_reference
 
 # The SD 1.5 UNet's forward FLOPs per sample at 512x512 (issue 8's figure); the tiny model's are negligible.
 UNET_TFLOP_PER_SAMPLE = {"sd15": 0.80, "tiny": 0.0, "sdxl-tiny": 0.0, "sdxl": 0.0}  # sdxl: not measured
 XL_MODELS = {"sdxl-tiny": "tiny", "sdxl": "sdxl"}  # --model -> sega_jax.testing.reference's XL_CONFIGS key
 PROMPT = "a photo of the face of a woman"
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms from /proc."""
-
-    def __init__(self):
-        self.peak = 0
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        self.base, self.peak, self._stop = self.rss(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss() - self.base)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss() - self.base)
-
-
-def build_reference(model: str, folder: Path):
-    """Build and save diffusers' pipeline with random weights (tiny, or the SD 1.5 architecture with
-    diffusers' own random initialisation)."""
-    from sega_jax.testing.reference import save_reference
-
-    return save_reference(folder, model, randomized=model == "tiny")
 
 
 def release_freed_memory() -> None:
@@ -96,8 +54,6 @@ def release_freed_memory() -> None:
 def build_reference_xl(model: str, folder: Path):
     """diffusers' SDXL pipeline with random weights (tiny: randomized; sdxl: diffusers' own init), saved in
     1 GB shards (safetensors copies a shard to bytes while writing it)."""
-    from sega_jax.testing.reference import build_reference_xl as build
-
     pipe = build(XL_MODELS[model], randomized=model == "sdxl-tiny")
     pipe.save_pretrained(folder, max_shard_size="1GB")
     return pipe
@@ -121,8 +77,6 @@ def call_kwargs(args) -> dict:
 
 
 def load_ours(folder: Path, args):
-    from sega_jax import SemanticStableDiffusionPipeline, SemanticStableDiffusionXLPipeline
-
     if args.model in XL_MODELS:
         pipe = SemanticStableDiffusionXLPipeline.from_pretrained(folder, dtype=args.dtype)
     else:
@@ -234,16 +188,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe_difference(ours: np.ndarray, reference: np.ndarray) -> str:
-    """Max difference relative to the reference's max, and how many elements exceed 1e-4 of it: SEGA's
-    per-concept threshold is a step function, so fp32 noise can move an element that sits at the quantile
-    across it, which shows as a handful of large differences among elements that agree to ~1e-6."""
-    diff = np.abs(ours - reference) / max(float(np.abs(reference).max()), 1e-12)
-    above = int((diff > 1e-4).sum())
-    return (f"max relative difference of the outputs: {diff.max():.2e} ({above} of {diff.size} elements "
-            f"above 1e-4; median {np.median(diff):.1e})")
-
-
 def _gpu(result: dict) -> str:
     return "" if result.get("gpu_mb") is None else f"  gpu peak {result['gpu_mb']:.0f} MB"
 
@@ -275,8 +219,6 @@ def run_xl(args, folder: Path) -> tuple[dict, dict | None]:
     """diffusers first (SEGA code around its SDXL UNet), freed before ours loads: never two copies."""
     import torch
 
-    from sega_jax.testing.reference import sega_xl_reference
-
     reference = build_reference_xl(args.model, folder)
     latents = start_latents(reference, args)
     theirs = None
@@ -293,8 +235,6 @@ def run_xl(args, folder: Path) -> tuple[dict, dict | None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.ledits:
-        from sega_jax.bench import ledits as benchmark_ledits
-
         with tempfile.TemporaryDirectory() as tmp:
             benchmark_ledits.run(args, args.save_folder or Path(tmp))
         return 0

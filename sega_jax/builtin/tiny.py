@@ -1,10 +1,11 @@
 """A tiny random-weight, Stable-Diffusion-shaped pipeline built in-process (no download, no torch).
 
-`tiny_pipeline()` is what `sega-jax generate --model tiny` (the default with no model configured), the
-notebook in CI and the tests run: the same architecture as SD 1.x (CLIP text encoder with the real
-49,408-token vocabulary and tokenizer, a cross-attention UNet, an AutoencoderKL with SD's 8x latent
-downsampling, SD's DDIM scheduler config), only narrow and shallow, with weights drawn by the modules' own
-initializers from `seed`. Its images are structured noise: it exercises every code path, not image quality.
+`load_pipeline("tiny")` (built from `tiny_components()`) is what `sega-jax generate --model tiny` (the
+default with no model configured), the notebook in CI and the tests run: the same architecture as SD 1.x
+(CLIP text encoder with the real 49,408-token vocabulary and tokenizer, a cross-attention UNet, an
+AutoencoderKL with SD's 8x latent downsampling, SD's DDIM scheduler config), only narrow and shallow, with
+weights drawn by the modules' own initializers from `seed`. Its images are structured noise: it exercises
+every code path, not image quality.
 
 `save_tiny(folder)` writes it as a diffusers-format pipeline folder, which `from_pretrained` reloads.
 """
@@ -27,7 +28,6 @@ from sega_jax.models.tokenizer import clip_tokenizer, offline_clip_tokenizer
 from sega_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sega_jax.models.vae import AutoencoderKL, VAEConfig
 from sega_jax.models.weights import resolve_dtype, to_torch_layout, torch_parameter_layouts
-from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline
 from sega_jax.schedulers import scheduler_from_config
 
 TINY_UNET = UNetConfig(
@@ -125,31 +125,12 @@ def tiny_models(seed: int = 0, dtype=None) -> tuple[UNet2DConditionModel, Autoen
     return unet, vae, text
 
 
-def tiny_pipeline(seed: int = 0, dtype=None) -> SemanticStableDiffusionPipeline:
-    """A small random-weight SD-shaped pipeline (fp32 unless `dtype`), built offline with JAX only."""
+def tiny_components(seed: int = 0, dtype=None) -> dict:
+    """The tiny model's components (fp32 unless `dtype`), built offline with JAX only, by their pipeline
+    argument names: `SemanticStableDiffusionPipeline(**tiny_components(), ...)`."""
     unet, vae, text = tiny_models(seed, dtype)
-    return SemanticStableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=clip_tokenizer(),
-        scheduler=scheduler_from_config(SD_DDIM),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def load_pipeline(model: str, *, dtype=None, scheduler: str | None = None, progress: bool = False):
-    """The pipeline a model name stands for in the CLI and sweeps: "tiny" (built here, random weights) or a
-    diffusers folder / hub id; with `scheduler` swapped in and a per-step progress bar only if asked."""
-    from sega_jax.pipelines import load_pipeline as load_family
-
-    pipe = load_family(model, dtype=dtype, **({} if model == "tiny" else {"requires_safety_checker": False}))
-    if scheduler:
-        pipe.set_scheduler(scheduler)
-    pipe.set_progress_bar_config(disable=not progress)
-    return pipe
+    return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer(),
+                scheduler=scheduler_from_config(SD_DDIM))
 
 
 # -- saving as a diffusers folder ---------------------------------------------------------------------------

@@ -1,1 +1,5 @@
-"""TODO"""
+"""`sega-jax`: the command line. `generate` (the default verb and the dispatcher to `edit`, `sweep`, `bench`
+and `app`, which it names as modules and imports only when asked), `edit` (LEDITS++ on a photo), `common`
+(the parser, flag types, cache flag and warnings they share). May import `settings`, `pipelines` and below;
+never `sweep`, `app` or `bench`.
+"""

@@ -21,6 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from sega_jax.builtin.demo import default_model
+from sega_jax.cli.common import (
+    EDIT_HELP,
+    Parser,
+    configure_cache,
+    dtype_flag,
+    flag_type,
+    show_warning,
+    size_flag,
+)
+from sega_jax.loaders.lora import load_loras
+from sega_jax.pipelines import family_of, ledits_pipeline_for, load_pipeline
 from sega_jax.settings import (
     FORMAT,
     METADATA_KEY,
@@ -30,8 +41,11 @@ from sega_jax.settings import (
     Edit,
     lora_setting,
     parse_edit,
+    parse_finite,
+    parse_integer,
     parse_lora,
 )
+from sega_jax.version import __version__
 
 # diffusers' LEditsPPPipelineStableDiffusion defaults (`invert` and `__call__`).
 LEDITS_EDIT_DEFAULTS = {"scale": 5.0, "threshold": 0.9, "warmup": 0}
@@ -56,8 +70,6 @@ class EditJob:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sega_jax.cli.generate import EDIT_HELP, Parser, _arg, _dtype, _size
-
     p = Parser(prog="sega-jax edit", description="Edit a photo with LEDITS++: invert it, then apply "
                "semantic concepts.", epilog=EDIT_HELP.split("\n\nEvery PNG")[0]
                + "\nHere the defaults are LEDITS++'s: scale=5, threshold=0.9, warmup=0; no 'weight'.",
@@ -67,24 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", help=f"a diffusers SD or SDXL pipeline folder, a hub id, 'demo' or 'tiny' (default: "
                         f"${MODEL_ENV}, else 'demo' when shipped, else 'tiny')")
     add("--source-prompt", default="", help="what the photo shows (optional; guides the inversion)")
-    add("--source-guidance", type=_arg(_finite, "--source-guidance"), default=3.5,
+    add("--source-guidance", type=flag_type(_finite, "--source-guidance"), default=3.5,
         help="source_guidance_scale of the inversion (default 3.5)")
-    add("--edit", action="append", default=[], metavar="TEXT[@OPTIONS]", type=_arg(_edit_spec, "--edit"),
+    add("--edit", action="append", default=[], metavar="TEXT[@OPTIONS]",
+        type=flag_type(_edit_spec, "--edit"),
         help="an editing concept, repeatable (see below)")
     add("--negative-prompt", default=None, help="what the edit steers away from")
-    add("--steps", type=_arg(_integer, "--steps"), default=30, help="num_inversion_steps (default 30)")
-    add("--skip", type=_arg(_skip, "--skip"), default=0.15,
+    add("--steps", type=flag_type(_integer, "--steps"), default=30, help="num_inversion_steps (default 30)")
+    add("--skip", type=flag_type(_skip, "--skip"), default=0.15,
         help="share of the schedule left out at the noisy end, in [0, 1) (default 0.15)")
     add("--mask", help="an image whose white part is where edits may act (resized to the latents)")
     add("--mask-mode", choices=sorted(MASK_MODES), default="intersect",
         help="LEDITS++'s implicit masks: intersect (attention and noise; the default), cross-attention, "
              "noise")
-    add("--height", type=_arg(_size, "--height"), help="resize the photo to this height")
-    add("--width", type=_arg(_size, "--width"), help="resize the photo to this width")
-    add("--seed", type=_arg(_integer, "--seed"), help="seed of the inversion's noise (default: random)")
+    add("--height", type=flag_type(size_flag, "--height"), help="resize the photo to this height")
+    add("--width", type=flag_type(size_flag, "--width"), help="resize the photo to this width")
+    add("--seed", type=flag_type(_integer, "--seed"), help="seed of the inversion's noise (default: random)")
     add("--scheduler", choices=sorted(SCHEDULERS), default="dpm-sde", help="dpm-sde (the default) or ddim")
-    add("--dtype", type=_arg(_dtype, "--dtype"), default="float32", help="float32, bfloat16 or float16")
-    add("--lora", action="append", default=[], metavar="FILE[@SCALE]", type=_arg(lora_setting, "--lora"),
+    add("--dtype", type=flag_type(dtype_flag, "--dtype"), default="float32",
+        help="float32, bfloat16 or float16")
+    add("--lora", action="append", default=[], metavar="FILE[@SCALE]",
+        type=flag_type(lora_setting, "--lora"),
         help="LoRA weights (diffusers/peft or kohya .safetensors) at SCALE (default 1), repeatable")
     add("--out", help="a folder (default outputs/) or a file.png")
     add("--progress", action="store_true", help="a progress bar per step")
@@ -93,14 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finite(text: str, what: str) -> float:
-    from sega_jax.settings import parse_finite
-
     return parse_finite(text, what)
 
 
 def _integer(text: str, what: str) -> int:
-    from sega_jax.settings import parse_integer
-
     return parse_integer(text, what, minimum=1 if what == "--steps" else 0)
 
 
@@ -159,21 +170,12 @@ def edit_job(args: argparse.Namespace) -> EditJob:
 def load_ledits_pipeline(model: str, *, dtype=None, scheduler: str | None = None, progress: bool = False):
     """The LEDITS++ pipeline for a model name: "tiny" (random, built in-process), "demo", an SD or SDXL
     folder or hub id."""
-    from sega_jax.pipelines import (
-        LEditsPPPipelineStableDiffusion,
-        LEditsPPPipelineStableDiffusionXL,
-        ledits_pipeline_for,
-        pipeline_class,
-    )
-    from sega_jax.pipelines import load_pipeline as load_family
-    from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline
-
     if model == "tiny":
-        pipe = ledits_pipeline_for(load_family("tiny", dtype=dtype))
+        pipe = ledits_pipeline_for(load_pipeline("tiny", dtype=dtype))
     else:
-        xl = pipeline_class(model) is SemanticStableDiffusionXLPipeline
-        cls = LEditsPPPipelineStableDiffusionXL if xl else LEditsPPPipelineStableDiffusion
-        pipe = cls.from_pretrained(model, dtype=dtype, **({} if xl else {"requires_safety_checker": False}))
+        family = family_of(model)
+        no_checker = {"requires_safety_checker": False} if family.safety_checker else {}
+        pipe = family.ledits.from_pretrained(model, dtype=dtype, **no_checker)
     if scheduler:
         pipe.set_scheduler(scheduler)
     pipe.set_progress_bar_config(disable=not progress)
@@ -208,8 +210,6 @@ def png_info(job: EditJob, settings: dict, pipe, seed: int):
     """`parameters` (A1111-style text) and `sega_jax` (JSON: the settings and the pipeline calls)."""
     from PIL.PngImagePlugin import PngInfo
 
-    from sega_jax import __version__
-
     concepts = " | ".join(settings["edit"]) or "none"
     text = [settings["source_prompt"] or "(no source prompt)"]
     if settings["negative_prompt"]:
@@ -242,8 +242,6 @@ def output_path(out: str | None, image: Path, seed: int) -> Path:
 
 
 def edit(args: argparse.Namespace) -> int:
-    from sega_jax.cli.generate import _configure_cache, _show_warning
-
     job = edit_job(args)
     model = args.model or os.environ.get(MODEL_ENV) or default_model()
     settings = {key: getattr(args, key) for key in ("source_prompt", "source_guidance", "negative_prompt",
@@ -251,14 +249,12 @@ def edit(args: argparse.Namespace) -> int:
                                                     "scheduler", "dtype")}
     settings.update(model=model, edit=[e.inline() for e in job.edits],
                     image=str(job.image), mask=None if job.mask is None else str(job.mask), lora=args.lora)
-    _configure_cache(args.no_cache)
+    configure_cache(args.no_cache)
     start = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show_warning
         pipe = load_ledits_pipeline(model, dtype=args.dtype, scheduler=SCHEDULERS[args.scheduler],
                                     progress=args.progress)
-        from sega_jax.loaders.lora import load_loras
-
         load_loras(pipe, [parse_lora(spec) for spec in args.lora])
         try:
             image, inversion = run_edit(pipe, job)

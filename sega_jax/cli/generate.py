@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import os
 import sys
 import time
@@ -16,6 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sega_jax.builtin.demo import BUILTIN_MODELS, DEMO_NOTICE
+from sega_jax.builtin.tiny import SD_DDIM, TINY_NOTICE
+from sega_jax.cli.common import (
+    EDIT_HELP,
+    PROG,
+    Parser,
+    configure_cache,
+    dtype_flag,
+    flag_type,
+    one_line,
+    show_warning,
+    size_flag,
+)
+from sega_jax.loaders.lora import load_loras
+from sega_jax.pipelines import registry
+from sega_jax.schedulers import scheduler_from_name
 from sega_jax.settings import (
     DEFAULTS,
     FORMAT,
@@ -24,7 +38,6 @@ from sega_jax.settings import (
     NEVER,
     SETTING_KEYS,
     XL_FLAGS,
-    XL_PIPELINE,
     CLIError,
     Edit,
     call_kwargs,
@@ -42,13 +55,13 @@ from sega_jax.settings import (
     resolve_settings,
     sampler_name,
 )
+from sega_jax.version import __version__
 
 __all__ = ["DEFAULTS", "FORMAT", "METADATA_KEY", "MODEL_ENV", "NEVER", "SETTING_KEYS", "XL_FLAGS", "CLIError",
            "Edit", "build_parser", "call_kwargs", "check_family", "edit_kwargs", "main", "parameters_text",
            "parse_edit", "png_info", "prepare_kwargs", "read_png_settings", "resolve_settings",
            "sampler_name"]
 
-PROG = "sega-jax"
 EXTERNAL = {
     "edit": ("sega_jax.cli.edit", "edit a photo with LEDITS++ (invert it once, then semantic concepts)"),
     "sweep": ("sega_jax.sweep.command",
@@ -56,66 +69,9 @@ EXTERNAL = {
     "bench": ("sega_jax.bench.sega", "time sega-jax against diffusers on the same model"),
     "app": ("sega_jax.app", "the semantic editor in the browser (Gradio: pip install \"sega-jax[app]\")"),
 }
-EDIT_HELP = """\
-Edit syntax: --edit "TEXT[@OPTIONS]", repeatable, one concept per flag. TEXT may contain commas; OPTIONS
-is a comma-separated list of
-  scale=5          edit guidance scale (edit_guidance_scale)
-  threshold=0.9    quantile in [0, 1]: the share of latent entries left unedited (edit_threshold)
-  warmup=10        steps before the edit is applied (edit_warmup_steps)
-  cooldown=none    step from which it is no longer applied; none = never (edit_cooldown_steps)
-  weight=1         the concept's weight (edit_weights)
-  reverse          push away from the concept instead (reverse_editing_direction; or reverse=false)
-(the defaults shown are diffusers'). A TEXT containing '@' ends with an '@': "me@home@" or
-"me@home@scale=3". Example:
-  sega-jax generate --prompt "a photo of the face of a woman" \\
-      --edit "smiling, smile@scale=4,threshold=0.99,warmup=5" --edit "glasses@scale=5,threshold=0.975" \\
-      --edit "curls, wavy hair@reverse" --seed 21 --out out/
-
-Every PNG carries its settings (an A1111-style `parameters` text and JSON under `sega_jax`):
-`sega-jax generate --from-png out/sega_21_0.png` reproduces it; other flags override the file's settings.
-The model is --model, else $SEGA_JAX_MODEL, else 'demo' (the small trained model shipped in the package,
-when this installation has it) or 'tiny' (random weights); neither needs a download. An SDXL folder
-(or hub id) runs SemanticStableDiffusionXLPipeline: its guidance default is 5.0 (SD: 7.5), and it takes the
-SDXL-only flags --prompt-2, --negative-prompt-2, --guidance-rescale, --original-size, --target-size and
---crops-coords-top-left (an error on an SD model)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`sega-jax generate: error: ...`) instead of usage + error."""
-
-    def error(self, message: str):
-        raise CLIError(f"{message} (see {self.prog} --help)")
 
 
 # -- the parser --------------------------------------------------------------------------------------------
-
-
-def _arg(kind, what: str, **bounds):
-    """An argparse `type` that reports bad values as argparse errors with our wording."""
-
-    def convert(text: str):
-        try:
-            return kind(text, what, **bounds)
-        except CLIError as err:  # argparse prefixes "argument --flag: " itself
-            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{what} ")) from None
-
-    convert.__name__ = what
-    return convert
-
-
-def _size(text: str, what: str) -> int:
-    value = parse_integer(text, what, minimum=8)
-    if value % 8:
-        raise CLIError(f"{what} must be a multiple of 8, got {value}")
-    return value
-
-
-def _dtype(text: str, what: str) -> str:
-    names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-             "float16": "float16", "fp16": "float16"}
-    if text.lower() not in names:
-        raise CLIError(f"{what} must be one of float32, bfloat16, float16, got {text!r}")
-    return names[text.lower()]
 
 
 def _pair(text: str, what: str) -> list[int]:
@@ -145,39 +101,42 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         f"${MODEL_ENV}, else 'demo' when shipped, else 'tiny'")
     add("--prompt", help="what to draw")
     add("--negative-prompt", help="what to steer away from (diffusers' negative_prompt)")
-    add("--edit", action="append", metavar="TEXT[@OPTIONS]", type=_arg(_edit, "--edit"),
+    add("--edit", action="append", metavar="TEXT[@OPTIONS]", type=flag_type(_edit, "--edit"),
         help="an editing concept with its settings (repeatable; syntax below)")
-    add("--steps", type=_arg(parse_integer, "--steps", minimum=1, maximum=1000),
+    add("--steps", type=flag_type(parse_integer, "--steps", minimum=1, maximum=1000),
         help="denoising steps (num_inference_steps; default 50)")
-    add("--guidance", type=_arg(parse_finite, "--guidance"),
+    add("--guidance", type=flag_type(parse_finite, "--guidance"),
         help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD, 5.0 for SDXL)")
     add("--scheduler", help="ddim, pndm, plms, lms, lms-karras, euler, euler-karras, euler-a, dpm++2m, "
                             "dpm++2m-karras or a diffusers class name (default: the model's own)")
-    add("--height", type=_arg(_size, "--height"), help="image height, a multiple of 8 (default: the model's)")
-    add("--width", type=_arg(_size, "--width"), help="image width, a multiple of 8 (default: the model's)")
-    add("--seed", type=_arg(parse_integer, "--seed", maximum=2**32 - 1),
+    add("--height", type=flag_type(size_flag, "--height"),
+        help="image height, a multiple of 8 (default: the model's)")
+    add("--width", type=flag_type(size_flag, "--width"),
+        help="image width, a multiple of 8 (default: the model's)")
+    add("--seed", type=flag_type(parse_integer, "--seed", maximum=2**32 - 1),
         help="random seed in [0, 2**32) (default: a random one, printed and saved in the PNG)")
-    add("--n", type=_arg(parse_integer, "--n", minimum=1, maximum=1024), help="images per prompt (default 1)")
-    add("--dtype", type=_arg(_dtype, "--dtype"), help="float32 (default), bfloat16 or float16")
-    add("--eta", type=_arg(parse_finite, "--eta"), help="DDIM eta (default 0)")
-    add("--momentum-scale", type=_arg(parse_finite, "--momentum-scale"),
+    add("--n", type=flag_type(parse_integer, "--n", minimum=1, maximum=1024),
+        help="images per prompt (default 1)")
+    add("--dtype", type=flag_type(dtype_flag, "--dtype"), help="float32 (default), bfloat16 or float16")
+    add("--eta", type=flag_type(parse_finite, "--eta"), help="DDIM eta (default 0)")
+    add("--momentum-scale", type=flag_type(parse_finite, "--momentum-scale"),
         help="SEGA momentum scale (edit_momentum_scale; default 0.1)")
-    add("--mom-beta", type=_arg(parse_finite, "--mom-beta"),
+    add("--mom-beta", type=flag_type(parse_finite, "--mom-beta"),
         help="SEGA momentum beta (edit_mom_beta; default 0.4)")
-    add("--lora", action="append", metavar="FILE[@SCALE]", type=_arg(lora_setting, "--lora"),
+    add("--lora", action="append", metavar="FILE[@SCALE]", type=flag_type(lora_setting, "--lora"),
         help="LoRA weights (diffusers or kohya .safetensors) at SCALE (default 1; repeatable)")
     add("--no-safety-checker", dest="safety_checker", action="store_false",
         help="skip the model's safety checker (when its folder has one)")
     xl = p.add_argument_group("SDXL only (an error on an SD 1.x/2.x model)")
     xl.add_argument("--prompt-2", help="the prompt for the second text encoder (default: --prompt)")
     xl.add_argument("--negative-prompt-2", help="the negative prompt for the second text encoder")
-    xl.add_argument("--guidance-rescale", type=_arg(_rescale, "--guidance-rescale"),
+    xl.add_argument("--guidance-rescale", type=flag_type(_rescale, "--guidance-rescale"),
                     help="rescale the guided prediction towards the text one's std, in [0, 1] (default 0)")
-    xl.add_argument("--original-size", type=_arg(_pair, "--original-size"), metavar="H,W",
+    xl.add_argument("--original-size", type=flag_type(_pair, "--original-size"), metavar="H,W",
                     help="micro-conditioning original size, height,width (default: the image size)")
-    xl.add_argument("--target-size", type=_arg(_pair, "--target-size"), metavar="H,W",
+    xl.add_argument("--target-size", type=flag_type(_pair, "--target-size"), metavar="H,W",
                     help="micro-conditioning target size, height,width (default: the image size)")
-    xl.add_argument("--crops-coords-top-left", type=_arg(_pair, "--crops-coords-top-left"),
+    xl.add_argument("--crops-coords-top-left", type=flag_type(_pair, "--crops-coords-top-left"),
                     metavar="TOP,LEFT", help="micro-conditioning crop coordinates (default 0,0)")
     add("--out", help="output folder (default outputs/) or file pattern such as out/face_{seed}_{index}.png")
     add("--from-png", metavar="FILE", help="reproduce the image FILE (a sega-jax PNG) from its settings")
@@ -237,12 +196,10 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 def load_pipeline(settings: dict, progress: bool = False):
     """The model named by the settings, with their scheduler; a per-step progress bar if asked."""
-    from sega_jax.builtin import tiny
-
     if settings["model"] in BUILTIN_MODELS:
-        print(tiny.TINY_NOTICE if settings["model"] == "tiny" else DEMO_NOTICE, flush=True)
-    return tiny.load_pipeline(settings["model"], dtype=settings["dtype"], scheduler=settings["scheduler"],
-                              progress=progress)
+        print(TINY_NOTICE if settings["model"] == "tiny" else DEMO_NOTICE, flush=True)
+    return registry.load_pipeline(settings["model"], dtype=settings["dtype"], scheduler=settings["scheduler"],
+                                  progress=progress, requires_safety_checker=False)
 
 
 def model_is_xl(model: str) -> bool | None:
@@ -250,18 +207,13 @@ def model_is_xl(model: str) -> bool | None:
     if model in BUILTIN_MODELS:
         return False
     if Path(model).expanduser().is_dir():
-        from sega_jax.loaders.folders import is_xl_folder
-
-        return is_xl_folder(Path(model).expanduser())
+        return registry.family_of(Path(model).expanduser()) is registry.SDXL
     return None
 
 
 def _check_early(settings: dict, out: str | None) -> None:
     """Cheap checks before the model loads: the scheduler name, SDXL-only settings, the output pattern."""
     if settings["scheduler"]:
-        from sega_jax.builtin.tiny import SD_DDIM
-        from sega_jax.schedulers import scheduler_from_name
-
         try:
             scheduler_from_name(settings["scheduler"], SD_DDIM)
         except ValueError as err:
@@ -287,19 +239,13 @@ def _write_images(pipe, settings: dict, images: list, out: str | None, only: int
     return paths
 
 
-def default_guidance(pipe) -> float:
-    """The pipeline's own `guidance_scale` default (diffusers': SD 7.5, SDXL 5.0)."""
-    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
-
-
 def run_pipeline(pipe, settings: dict, args: argparse.Namespace):
     """Check the settings against the loaded family, fill the pipeline's own guidance default (unless a
     flag or the PNG gave one) and run it: the same `prepare` + `run` for every family."""
-    check_family(settings, type(pipe).__name__ == XL_PIPELINE)
+    family = registry.family_of_pipeline(pipe)
+    check_family(settings, family is registry.SDXL)
     if "guidance" not in vars(args) and not getattr(args, "from_png", None):
-        settings["guidance"] = default_guidance(pipe)
-    from sega_jax.loaders.lora import load_loras
-
+        settings["guidance"] = family.default_guidance
     load_loras(pipe, [parse_lora(spec) for spec in settings.get("lora") or []])
     job = pipe.prepare(**prepare_kwargs(settings))
     return pipe.run(job, run_safety_checker=settings["safety_checker"])
@@ -321,7 +267,7 @@ def _compare(source: str, image) -> str:
 def generate(args: argparse.Namespace) -> int:
     settings, index = resolve_settings(args)
     out = getattr(args, "out", None)
-    _configure_cache(getattr(args, "no_cache", False))
+    configure_cache(getattr(args, "no_cache", False))
     _check_early(settings, out)
     if settings["model"] not in BUILTIN_MODELS and Path(settings["model"]).expanduser().is_dir():
         settings["model"] = str(Path(settings["model"]).expanduser().resolve())
@@ -343,25 +289,7 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_cache(no_cache: bool) -> None:
-    from sega_jax.runtime.cache import ENV_VAR, enable_compilation_cache
-
-    if no_cache:
-        os.environ[ENV_VAR] = "off"  # also for the pipeline's own call
-        return
-    enable_compilation_cache()  # before the model loads: its small cast programs are cached too
-
-
 # -- entry point -------------------------------------------------------------------------------------------
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if not isinstance(err, KeyError) else f"missing {text}"
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _dispatch(command: str, argv: list[str]) -> int:
@@ -382,21 +310,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         if args.version:
-            from sega_jax import __version__
-
             print(f"sega-jax {__version__}")
             return 0
         if args.command != "generate":
             build_parser().print_help()
             return 2
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning
             return generate(args)
     except CLIError as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, FloatingPointError, ImportError, KeyError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Semantic guidance (SEGA, arXiv 2301.12247) as one pure function over noise estimates.
 
-It matches diffusers' `SemanticStableDiffusionPipeline` step for step (see DESIGN.md for the quirks
-kept), with the concept loop vectorised over a leading concept axis. Inputs are NHWC noise estimates;
-all arithmetic is fp32. Nothing here knows about models or schedulers.
+It matches diffusers' `SemanticStableDiffusionPipeline` step for step (the README's "Deliberate
+deviations from diffusers" lists the quirks kept and the few not), with the concept loop vectorised over a
+leading concept axis. Inputs are NHWC noise estimates; all arithmetic is fp32. Nothing here knows about
+models or schedulers.
 """
 
 from __future__ import annotations

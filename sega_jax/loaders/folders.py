@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sega_jax.builtin.demo import demo_folder
 from sega_jax.models.clip import load_text_encoder
 from sega_jax.models.image_processing import load_feature_extractor
 from sega_jax.models.safety_checker import load_safety_checker
@@ -79,8 +80,6 @@ def resolve_folder(path_or_hub_id: str | os.PathLike, variant: str | None) -> Pa
     if path.is_dir():
         return path
     if str(path_or_hub_id) == "demo":
-        from sega_jax.builtin.demo import demo_folder
-
         return demo_folder(check=True)
     if (
         path.exists()

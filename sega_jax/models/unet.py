@@ -23,6 +23,7 @@ from sega_jax.models.layers import (
 )
 from sega_jax.models.placement import computed_after
 from sega_jax.models.transformer import Transformer2DModel
+from sega_jax.models.weights import load_model, read_json, resolve_dtype
 
 Array = jax.Array
 
@@ -339,8 +340,6 @@ class UNet2DConditionModel(nnx.Module):
 def load_unet(folder: str | os.PathLike, *, dtype=None, variant: str | None = None,
               allow_pickle: bool = False) -> UNet2DConditionModel:
     """Load a diffusers `unet/` folder (config.json + safetensors) into our UNet."""
-    from sega_jax.models.weights import load_model, read_json, resolve_dtype
-
     config = UNetConfig.from_diffusers(read_json(os.path.join(folder, "config.json")))
     build_dtype = resolve_dtype(dtype) or jnp.float32
     return load_model(lambda: UNet2DConditionModel(config, dtype=build_dtype, rngs=nnx.Rngs(0)), folder,

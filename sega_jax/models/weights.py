@@ -267,6 +267,11 @@ def _torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
 
 
+def from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    """A checkpoint (torch-layout) tensor in our layout (the inverse of `to_torch_layout`)."""
+    return _LAYOUTS[kind](value)
+
+
 def to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
     """One of our parameters in the checkpoint's (torch's) layout, for writing a diffusers folder."""
     axes = _TO_TORCH_AXES.get(kind)

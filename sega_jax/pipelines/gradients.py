@@ -24,7 +24,7 @@ from flax import nnx
 
 from sega_jax.core.guidance import EditParams
 from sega_jax.core.sampler import sega_sample
-from sega_jax.pipelines.sega.sd import DenoiseJob, denoiser
+from sega_jax.pipelines.base import DenoiseJob, denoiser
 
 
 def loop_function(pipe, job: DenoiseJob, *,
@@ -34,7 +34,7 @@ def loop_function(pipe, job: DenoiseJob, *,
     noise and the schedule are closed over as constants."""
     if job.scheduler is not None or job.step_uncond is not None:
         raise ValueError("loop_function: a job from an inversion is not supported (its own scheduler)")
-    graph, state = pipe._unet
+    graph, state = pipe.unet_parts
     scheduler = pipe.scheduler
 
     def loop(params: EditParams, context: jax.Array) -> jax.Array:

@@ -7,8 +7,10 @@ from the current latents lands on the inverted ones: learning rate `lr * (1 - i 
 `num_inner_steps` iterations, each image stopping once its loss falls below `stop + i * stop_slope`. All of
 it is one compiled program: a `lax.scan` over steps around a `lax.while_loop` with a per-image mask.
 With `mode="pmap"` or `"jit"` (sharded over a ('data',) mesh) both run data-parallel, each device inverting
-its slice of the batch with its own early stops. Latents are NHWC inside; `Inversion` holds them in
-diffusers' layouts.
+its slice of the batch with its own early stops (devices and layouts: `sega_jax.pipelines.placement`).
+Latents are NHWC inside; `Inversion` holds them in diffusers' layouts. `invert` reaches the pipeline only
+through its public `unet_parts`, `vae_parts` and `text_embeddings`; `job_inputs` turns an `Inversion` into
+a job's inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from sega_jax.pipelines import inputs
+from sega_jax.pipelines.base import encode_image
+from sega_jax.pipelines.placement import (
+    AXIS,
+    MODES,
+    merge_from_pmap,
+    replicated,
+    resolve_devices,
+    spec,
+    split_for_pmap,
+)
 from sega_jax.runtime import xla_options
 from sega_jax.schedulers import DDIMScheduler, scheduler_from_name
 from sega_jax.schedulers.base import div
@@ -202,8 +214,6 @@ _AXES = {
 def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: tuple,
                    half_precision: bool = False):
     """`ddim_inversion` / `null_text_inversion` as one pmap or sharded-jit program over `devices`."""
-    from sega_jax.pipelines.parallel import AXIS, _spec
-
     in_axes, out_axes = _AXES[kind]
 
     def body(state, schedule, *args):
@@ -216,7 +226,7 @@ def _data_parallel(kind: str, graph, num_inner_steps: int, mode: str, devices: t
 
     if mode == "pmap":
         return jax.pmap(body, AXIS, in_axes=(None, None, *in_axes), out_axes=out_axes, devices=devices)
-    specs = lambda axes: jax.tree.map(_spec, axes, is_leaf=lambda a: a is None)
+    specs = lambda axes: jax.tree.map(spec, axes, is_leaf=lambda a: a is None)
     mapped = jax.shard_map(body, mesh=jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
                            in_specs=(P(), P(), *specs(in_axes)), out_specs=specs(out_axes), check_vma=False)
     return jax.jit(mapped, compiler_options=xla_options.compiler_options(half_precision))
@@ -234,26 +244,24 @@ def run_parallel(kind: str, pipe, schedule: DDIMSchedule, mode: str, devices, ba
                  num_inner_steps: int = 0):
     """Run `kind` ("ddim" or "null_text") data-parallel: pad the batch to a multiple of the device count,
     place the slices, run, and return the outputs for the `batch` real images."""
-    from sega_jax.pipelines import parallel
-
-    devices = parallel.resolve_devices(devices)
+    devices = resolve_devices(devices)
     count = len(devices)
     total = -(-batch // count) * count
     in_axes, out_axes = _AXES[kind]
     args = [_pad_batch(a, axis, total) for a, axis in zip(args, in_axes, strict=True)]
     if mode == "pmap":
         # via the host: an input committed to another sharding (the DDIM pass's output) is refused by pmap
-        args = [jax.tree.map(lambda x, axis=axis: parallel._split_for_pmap(np.asarray(x), axis, count), a)
+        args = [jax.tree.map(lambda x, axis=axis: split_for_pmap(np.asarray(x), axis, count), a)
                 for a, axis in zip(args, in_axes, strict=True)]
     else:
-        mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
-        place = lambda a, axis: jax.device_put(a, jax.sharding.NamedSharding(mesh, parallel._spec(axis)))
+        mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+        place = lambda a, axis: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec(axis)))
         args = [a if axis is None else place(a, axis) for a, axis in zip(args, in_axes, strict=True)]
-    program = _data_parallel(kind, pipe._unet[0], num_inner_steps, mode, devices,
-                             xla_options.has_half_precision(pipe._unet[1]))
-    out = program(parallel.replicated(pipe, devices), schedule, *args)
+    program = _data_parallel(kind, pipe.unet_parts[0], num_inner_steps, mode, devices,
+                             xla_options.has_half_precision(pipe.unet_parts[1]))
+    out = program(replicated(pipe, devices), schedule, *args)
     if mode == "pmap":
-        out = jax.tree.map(parallel._merge_from_pmap, out, out_axes)
+        out = jax.tree.map(merge_from_pmap, out, out_axes)
     return jax.tree.map(lambda x, axis: jax.lax.slice_in_dim(x, 0, batch, axis=axis), out, out_axes)
 
 
@@ -308,18 +316,8 @@ def check_method(method: str) -> str:
 
 
 def check_mode(mode: str | None) -> None:
-    from sega_jax.pipelines.parallel import MODES
-
     if mode is not None and mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES} or None, got {mode!r}")
-
-
-@xla_options.jit(static_argnames=("graph",))
-def encode_image(graph, state, images: Array, scaling_factor) -> Array:
-    """The VAE posterior mean, scaled: NHWC latents in fp32."""
-    dtype = jax.tree.leaves(state)[0].dtype
-    mean, _ = nnx.merge(graph, state).encode(images.astype(dtype))
-    return scaling_factor * mean.astype(jnp.float32)
 
 
 def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 7.5,
@@ -338,20 +336,20 @@ def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidanc
     num_inner_steps = inputs.check_int(num_inner_steps, "num_inner_steps", minimum=0)
     scheduler = ddim_scheduler(pipe.scheduler)
     schedule = scheduler.set_timesteps(num_inference_steps)
-    x0 = encode_image(pipe._vae[0], pipe._vae[1], jnp.asarray(image_array(image, pipe.vae_scale_factor)),
+    x0 = encode_image(*pipe.vae_parts, jnp.asarray(image_array(image, pipe.vae_scale_factor)),
                       pipe.vae.config.scaling_factor)
     batch = x0.shape[0]
-    cond = pipe._encode([prompt] * batch)
+    cond = pipe.text_embeddings([prompt] * batch)
     if mode is None:
-        trajectory = ddim_inversion(pipe._unet[0], pipe._unet[1], schedule, x0, cond)
+        trajectory = ddim_inversion(*pipe.unet_parts, schedule, x0, cond)
     else:
         trajectory = run_parallel("ddim", pipe, schedule, mode, devices, batch, x0, cond)
     result = None
     if method == "null-text":
-        uncond = pipe._encode([""] * batch, truncation=True)
+        uncond = pipe.text_embeddings([""] * batch, truncation=True)
         settings = NullTextSettings.create(learning_rate, lr_decay, early_stop, early_stop_slope)
         args = (trajectory, uncond, cond, jnp.float32(guidance_scale), settings)
-        result = (null_text_inversion(*pipe._unet, schedule, *args, num_inner_steps=num_inner_steps)
+        result = (null_text_inversion(*pipe.unet_parts, schedule, *args, num_inner_steps=num_inner_steps)
                   if mode is None else run_parallel("null_text", pipe, schedule, mode, devices, batch, *args,
                                                     num_inner_steps=num_inner_steps))
     nchw = lambda a: np.moveaxis(np.asarray(a), -1, -3)

@@ -10,14 +10,15 @@ The batch is padded to a multiple of the device count (repeating the last image)
 Weights are replicated onto a device set once per pipeline and cached. An image's noise depends only on
 (seed, image index) (`pipe.prepare(image_indices=...)`), so it is the same image whatever the device
 count, entry point or process. With `jax.distributed` initialised, `generate` gives each process its share
-of the batch (`process_share`); the processes need no communication.
+of the batch (`process_share`); the processes need no communication. The device set, the mesh axis, the
+partition specs and the replicated weights are `sega_jax.pipelines.placement`'s (`resolve_devices`,
+`process_share` and `REPLICATIONS` are re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -26,18 +27,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sega_jax.core.guidance import EditParams
 from sega_jax.core.sampler import SampleOutput, sega_sample
 from sega_jax.pipelines import inputs
-from sega_jax.pipelines.sega.sd import DenoiseJob, denoiser
+from sega_jax.pipelines.base import DenoiseJob, denoiser
+from sega_jax.pipelines.placement import (
+    AXIS,
+    MODES,
+    merge_from_pmap,
+    process_share,
+    replicated,
+    resolve_devices,
+    spec,
+    split_for_pmap,
+)
+from sega_jax.pipelines.placement import REPLICATIONS as REPLICATIONS  # re-exported: tests read it here
 from sega_jax.runtime import xla_options
 
-MODES = ("jit", "pmap")
-AXIS = "data"
 TRACE_COUNT = {"jit": 0, "pmap": 0}  # traces (= compilations) of the per-device body, per entry point
-REPLICATIONS = {"count": 0}  # weight replications onto a device set; tests check they happen once
 
 # Batch axis of each input of the per-device body (None: replicated).
 _IN_AXES = dict(unet=None, vae=None, schedule=None, noise=0, context=1, params=0, keys=0, eta=None, replay=1)
@@ -56,31 +64,7 @@ class ParallelResult(NamedTuple):
     images: jax.Array | None  # (B, H, W, 3) in [0, 1] when decoded on the devices
 
 
-# -- devices, processes, batches ------------------------------------------------------------------------
-
-
-def resolve_devices(devices: Sequence[Any] | int | None = None) -> tuple:
-    """The devices to use: all local ones, the first `devices` local ones (an int), or those given."""
-    local = tuple(jax.local_devices())
-    if devices is None:
-        return local
-    if isinstance(devices, int):
-        if not 1 <= devices <= len(local):
-            raise ValueError(f"devices={devices}: this process has {len(local)} local device(s)")
-        return local[:devices]
-    devices = tuple(devices)
-    if not devices:
-        raise ValueError("devices: empty device list")
-    return devices
-
-
-def process_share(
-    count: int, process_index: int | None = None, process_count: int | None = None
-) -> np.ndarray:
-    """Indices of `count` items that this process takes: a contiguous, near-equal share."""
-    index = jax.process_index() if process_index is None else process_index
-    total = jax.process_count() if process_count is None else process_count
-    return np.array_split(np.arange(count), total)[index]
+# -- batches ------------------------------------------------------------------------------------------
 
 
 def batch_size(job: DenoiseJob) -> int:
@@ -230,10 +214,6 @@ def upcasts_decode(pipe) -> bool:
     return bool(pipe.honours_force_upcast and vae.config.force_upcast and vae.dtype == jnp.float16)
 
 
-def _spec(axis):
-    return P() if axis is None else P(*([None] * axis), AXIS)
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled(static: _Static, mode: str, devices: tuple, half_precision: bool = False):
     body = _body(static, mode)
@@ -242,53 +222,22 @@ def _compiled(static: _Static, mode: str, devices: tuple, half_precision: bool =
             body, AXIS, in_axes=tuple(_IN_AXES.values()), out_axes=static.out_axes, devices=devices
         )
     mesh = Mesh(np.asarray(devices), (AXIS,))
-    to_spec = lambda axes: jax.tree.map(_spec, axes, is_leaf=lambda x: x is None)
-    in_specs = tuple(_spec(axis) for axis in _IN_AXES.values())
+    to_spec = lambda axes: jax.tree.map(spec, axes, is_leaf=lambda x: x is None)
+    in_specs = tuple(spec(axis) for axis in _IN_AXES.values())
     mapped = jax.shard_map(
         body, mesh=mesh, in_specs=in_specs, out_specs=to_spec(static.out_axes), check_vma=False
     )
     return jax.jit(mapped, compiler_options=xla_options.compiler_options(half_precision))
 
 
-_REPLICATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def replicated(pipe, devices: tuple, part: str = "unet"):
-    """The pipeline's `part` ("unet" or "vae") state replicated on `devices`, cached per pipeline.
-
-    Both entry points take the same replicated arrays (pmap accepts them without copying).
-    """
-    source = pipe._unet[1] if part == "unet" else pipe._vae[1]
-    cache = _REPLICATED.setdefault(pipe, {})
-    key = (part, devices)
-    if key not in cache or cache[key][0] is not source:
-        sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P())
-        REPLICATIONS["count"] += 1
-        cache[key] = (source, jax.device_put(source, sharding))
-    return cache[key][1]
-
-
-def _split_for_pmap(x, axis: int | None, devices: int):
-    if x is None or axis is None:
-        return x
-    shape = x.shape
-    return x.reshape(*shape[:axis], devices, shape[axis] // devices, *shape[axis + 1 :])
-
-
-def _merge_from_pmap(x, axis: int):
-    if x is None:
-        return x
-    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2 :])
-
-
 def _place(args: tuple, mode: str, devices: tuple) -> tuple:
     if mode == "pmap":
         return tuple(
-            jax.tree.map(lambda x, a=axis: _split_for_pmap(x, a, len(devices)), arg)
+            jax.tree.map(lambda x, a=axis: split_for_pmap(x, a, len(devices)), arg)
             for arg, axis in zip(args, _IN_AXES.values(), strict=True)
         )
     mesh = Mesh(np.asarray(devices), (AXIS,))
-    put = lambda arg, axis: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, _spec(axis))), arg)
+    put = lambda arg, axis: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(axis))), arg)
     return tuple(
         arg if axis is None else put(arg, axis) for arg, axis in zip(args, _IN_AXES.values(), strict=True)
     )
@@ -324,8 +273,8 @@ def run(
         raise ValueError(f"{batch} images do not fit {count} devices x per_device_batch={per_device}")
     padded = pad_to(job, per_device * count)
     static = _Static(
-        unet=pipe._unet[0],
-        vae=pipe._vae[0] if decode else None,
+        unet=pipe.unet_parts[0],
+        vae=pipe.vae_parts[0] if decode else None,
         scaling_factor=float(pipe.vae.config.scaling_factor),
         scheduler=pipe.scheduler,
         num_concepts=job.num_concepts,
@@ -348,7 +297,7 @@ def run(
     half = xla_options.has_half_precision(args)  # bf16/fp16 weights: no hoisted fp32 copies (xla_options)
     out = _compiled(static, mode, devices, half)(*_place(args, mode, devices))
     if mode == "pmap":
-        out = jax.tree.map(_merge_from_pmap, out, static.out_axes)
+        out = jax.tree.map(merge_from_pmap, out, static.out_axes)
     return ParallelResult(*jax.tree.map(lambda x, a: _unpad(x, a, batch), out, static.out_axes))
 
 

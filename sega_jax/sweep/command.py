@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sega_jax.pipelines import parallel, registry
 from sega_jax.pipelines.inputs import warn_ineffective_settings
 from sega_jax.sweep import png as sweep_png
 from sega_jax.sweep import status as sweep_status
@@ -79,11 +80,9 @@ class SweepSummary(NamedTuple):
 
 
 def load_pipeline(spec: SweepSpec):
-    """The spec's model: a folder / hub id (from_pretrained) or "tiny" (sega_jax.builtin.tiny, random
-    weights)."""
-    from sega_jax.builtin.tiny import load_pipeline as load_named
-
-    return load_named(spec.model, dtype=spec.dtype, scheduler=spec.scheduler)
+    """The spec's model: a folder / hub id, "demo" or "tiny" (`sega_jax.pipelines.load_pipeline`)."""
+    return registry.load_pipeline(spec.model, dtype=spec.dtype, scheduler=spec.scheduler, progress=False,
+                                  requires_safety_checker=False)
 
 
 def _padded(group: list[Item], size: int) -> list[Item]:
@@ -91,8 +90,6 @@ def _padded(group: list[Item], size: int) -> list[Item]:
 
 
 def _decode_chunk(pipe, spec: SweepSpec, job, devices: tuple) -> tuple[np.ndarray, list | None]:
-    from sega_jax.pipelines import parallel
-
     out = parallel.run(
         pipe, job, mode=spec.mode, devices=devices, per_device_batch=spec.batch_per_device, decode=True
     )
@@ -167,8 +164,6 @@ def _chunks(todo: list[list[Item]], settings, count: int):
 def _compute(spec, pipe, todo, output: _Output, progress, total_mine, skipped) -> tuple[int, float]:
     """Run this process's remaining groups; returns (images written, images/s after the first chunk)."""
     from tqdm.auto import tqdm
-
-    from sega_jax.pipelines import parallel
 
     devices = parallel.resolve_devices(spec.devices)
     jobs, size = Jobs(pipe, spec), spec.batch_per_device

@@ -7,6 +7,8 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 
+from sega_jax.core.guidance import EditParams
+from sega_jax.loaders.lora import load_loras
 from sega_jax.pipelines.inputs import IneffectiveEditWarning
 from sega_jax.settings import parse_lora
 from sega_jax.sweep.spec import Item, SweepSpec
@@ -18,8 +20,6 @@ def spec_loras(pipe, spec: SweepSpec) -> Iterator[None]:
     if not spec.lora:
         yield
         return
-    from sega_jax.loaders.lora import load_loras
-
     load_loras(pipe, [parse_lora(text) for text in spec.lora])
     try:
         yield
@@ -31,8 +31,6 @@ class Jobs:
     """Per-item arrays: prepared once per (prompt, seed) with the pipeline's own validation and noise."""
 
     def __init__(self, pipe, spec: SweepSpec):
-        from sega_jax.core.guidance import EditParams
-
         self.pipe, self.spec, self.cache = pipe, spec, {}
         concepts = len(spec.editing_prompt)
         self.params = [EditParams.create(concepts, **checked) for checked in spec.checked]

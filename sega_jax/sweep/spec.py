@@ -13,7 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sega_jax.pipelines import inputs
+from sega_jax.pipelines.parallel import EDIT_DEFAULTS, check_setting
+from sega_jax.settings import CLIError, lora_setting, parse_lora
+
 SPEC_FILE = "spec.json"
+EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3")}
 DEFAULTS: dict[str, Any] = dict(
     model=None,
     dtype="float32",
@@ -148,8 +153,6 @@ def parse_seeds(value: Any) -> list[int]:
 
 
 def _check_scalars(values: dict) -> None:
-    from sega_jax.pipelines import inputs
-
     if isinstance(values["prompts"], str):
         values["prompts"] = [values["prompts"]]
     if isinstance(values["editing_prompt"], str):
@@ -199,8 +202,6 @@ def expand_settings(values: Mapping[str, Any]) -> list[dict]:
 
 
 def _check_settings(values: dict, settings: list[dict]) -> list[dict]:
-    from sega_jax.pipelines.parallel import EDIT_DEFAULTS, check_setting
-
     concepts = len(values["editing_prompt"])
     checked = []
     for index, setting in enumerate(settings):
@@ -228,8 +229,6 @@ def load_spec(spec: Mapping[str, Any]) -> SweepSpec:
         raise SpecError(f"missing spec key(s) {missing}")
     values = json.loads(json.dumps({**DEFAULTS, **spec}))  # a deep, JSON-clean copy
     values["output"] = os.fspath(spec["output"])
-    from sega_jax.sweep.store import check_url
-
     check_url(values["output"])
     _check_scalars(values)
     _check_lora(values)
@@ -242,8 +241,6 @@ def load_spec(spec: Mapping[str, Any]) -> SweepSpec:
 
 def _check_lora(values: dict) -> None:
     """`lora`: a "FILE[@SCALE]" string or a list of them; each FILE must exist (kept as its absolute path)."""
-    from sega_jax.settings import CLIError, lora_setting
-
     loras = [values["lora"]] if isinstance(values["lora"], str) else values["lora"]
     if not isinstance(loras, list) or not all(isinstance(spec, str) and spec for spec in loras):
         raise SpecError(f"lora: expected a list of 'FILE[@SCALE]' strings, got {values['lora']!r}")
@@ -255,8 +252,6 @@ def _check_lora(values: dict) -> None:
 
 def _setting_loras(loras: list[str], setting: Mapping[str, Any], index: int) -> tuple[str, ...]:
     """The spec's LoRAs ("FILE@SCALE") at the setting's `lora_scale`, if it has one."""
-    from sega_jax.settings import parse_lora
-
     if LORA_SCALE not in setting:
         return tuple(loras)
     scales, where = setting[LORA_SCALE], f"edit setting {index} ({setting}): {LORA_SCALE}"
@@ -309,3 +304,24 @@ def groups(all_items: Sequence[Item], per_device: int,
         classes.setdefault(lora_class(settings, item), []).append(item)
     return [members[i : i + per_device] for members in classes.values()
             for i in range(0, len(members), per_device)]
+
+
+def check_url(url: str | os.PathLike, argument: str = "output (--out)") -> str | None:
+    """The URL's fsspec protocol (None for a local path), once its package imports; a SpecError naming
+    `argument` for an unknown scheme or a missing extra."""
+    text = os.fspath(url)
+    protocol, sep, _ = text.partition("://")
+    if not sep or protocol == "file":
+        return None
+    module, extra = EXTRAS.get(protocol, (None, None))
+    try:
+        if module:
+            importlib.import_module(module)
+        import fsspec
+    except ImportError as err:
+        wanted = f"{module} (pip install 'sega-jax[{extra}]')" if module else "fsspec (pip install fsspec)"
+        raise SpecError(f"{argument}: {text} needs {wanted}: {err}") from err
+    if protocol not in fsspec.available_protocols():
+        raise SpecError(f"{argument}: {text}: unknown URL scheme {protocol!r} (use a local path, gs://, "
+                        "s3://, memory:// or another fsspec protocol)")
+    return protocol

@@ -16,7 +16,6 @@ jax.distributed process i of n) or `manifest.{i}-of-{n}.{p}-of-{P}` (process p o
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import json
 import os
 import re
@@ -26,10 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-from sega_jax.sweep.spec import SpecError
+from sega_jax.sweep.spec import SpecError, check_url
 
 # fsspec protocols served by an optional extra of ours: protocol -> (module, extra)
-EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3")}
 PART = re.compile(r"manifest(?:\.(\d+)-of-(\d+))?(?:\.(\d+)-of-(\d+))?")
 SHARD_ENV = "SEGA_JAX_SHARD"
 T = TypeVar("T")
@@ -252,27 +250,6 @@ class ObjectManifestWriter:
 
 Store = LocalStore | ObjectStore
 ManifestWriter = LocalManifestWriter | ObjectManifestWriter
-
-
-def check_url(url: str | os.PathLike, argument: str = "output (--out)") -> str | None:
-    """The URL's fsspec protocol (None for a local path), once its package imports; a SpecError naming
-    `argument` for an unknown scheme or a missing extra."""
-    text = os.fspath(url)
-    protocol, sep, _ = text.partition("://")
-    if not sep or protocol == "file":
-        return None
-    module, extra = EXTRAS.get(protocol, (None, None))
-    try:
-        if module:
-            importlib.import_module(module)
-        import fsspec
-    except ImportError as err:
-        wanted = f"{module} (pip install 'sega-jax[{extra}]')" if module else "fsspec (pip install fsspec)"
-        raise SpecError(f"{argument}: {text} needs {wanted}: {err}") from err
-    if protocol not in fsspec.available_protocols():
-        raise SpecError(f"{argument}: {text}: unknown URL scheme {protocol!r} (use a local path, gs://, "
-                        "s3://, memory:// or another fsspec protocol)")
-    return protocol
 
 
 def open_store(url: str | os.PathLike, argument: str = "output (--out)") -> Store:

@@ -1,1 +1,3 @@
-"""TODO"""
+"""The LEDITS++ pipelines (invert a photo, then edit it with semantic concepts), one file per family:
+`sd`, `sdxl`, and `inputs` (their argument checks).
+"""

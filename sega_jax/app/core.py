@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sega_jax.runtime import traces
 from sega_jax.settings import Edit
 
 MAX_CONCEPTS = 4
@@ -44,12 +45,7 @@ def _on_jax_event(event: str, duration: float, **_: Any) -> None:
 
 def loop_traces() -> int:
     """How often the compiled loops (SEGA, sweeps, LEDITS++ invert and edit) have been traced so far."""
-    from sega_jax.pipelines import parallel
-    from sega_jax.pipelines.ledits_pp import sd as ledits
-    from sega_jax.pipelines.sega import sd as pipeline
-
-    return sum(pipeline.TRACE_COUNT.values()) + sum(parallel.TRACE_COUNT.values()) + sum(
-        ledits.TRACE_COUNT.values())
+    return traces.total("sega", "parallel", "ledits_pp")
 
 
 @dataclasses.dataclass

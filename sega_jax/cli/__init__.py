@@ -3,3 +3,7 @@ and `app`, which it names as modules and imports only when asked), `edit` (LEDIT
 (the parser, flag types, cache flag and warnings they share). May import `settings`, `pipelines` and below;
 never `sweep`, `app` or `bench`.
 """
+
+from sega_jax.cli.generate import main
+
+__all__ = ["main"]

@@ -41,7 +41,7 @@ from sega_jax.models.clip import ACTIVATIONS, CLIPEncoder
 from sega_jax.models.image_processing import CLIPImageProcessor
 from sega_jax.models.layers import Conv2d, Embedding, LayerNorm, Linear
 from sega_jax.models.weights import WeightLoadError, load_model, read_json, resolve_dtype
-from sega_jax.runtime import xla_options
+from sega_jax.runtime import traces, xla_options
 
 Array = jax.Array
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 NUM_CONCEPTS = 17          # fixed by diffusers' StableDiffusionSafetyChecker
 NUM_SPECIAL_CARE = 3
 SPECIAL_CARE_ADJUSTMENT = 0.01
-TRACE_COUNT = {"safety_checker": 0}   # how many times the jitted checker was traced (tests count compiles)
+TRACE_COUNT = traces.counter("safety_checker", "safety_checker")  # traces of the jitted checker
 
 _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sega_jax.builtin.tiny import SD_DDIM  # Stable Diffusion 1.x's scheduler_config.json
+from sega_jax.builtin.tiny import SD_DDIM
+from sega_jax.models.tokenizer import clip_tokenizer  # Stable Diffusion 1.x's scheduler_config.json
 
 TINY_UNET = dict(
     block_out_channels=(32, 64),
@@ -94,8 +95,6 @@ def build_reference(model: str = "tiny", seed: int = 0, *, randomized: bool = Tr
     from diffusers.pipelines.deprecated.semantic_stable_diffusion import SemanticStableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sega_jax.models.tokenizer import clip_tokenizer
-
     unet_config, vae_config, text_config = CONFIGS[model]
     torch.manual_seed(seed)
     unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
@@ -173,8 +172,6 @@ def build_reference_xl(model: str = "tiny", seed: int = 0, *, randomized: bool =
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sega_jax.models.tokenizer import clip_tokenizer
 
     unet_config, vae_config, text_config, text_config_2 = XL_CONFIGS[model]
     torch.manual_seed(seed)

@@ -31,14 +31,15 @@ from sega_jax.core.sampler import SampleOutput
 from sega_jax.loaders.folders import resolve_folder
 from sega_jax.models.tokenizer import expand_prompt, tokenize
 from sega_jax.pipelines import inputs
+from sega_jax.pipelines.base import decode
 from sega_jax.pipelines.ledits_pp.inputs import preprocess_images, user_mask_array
-from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline, _decode
-from sega_jax.runtime import xla_options
+from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline
+from sega_jax.runtime import traces, xla_options
 from sega_jax.schedulers import scheduler_from_config
 
 logger = logging.getLogger(__name__)
 
-TRACE_COUNT = {"invert": 0, "edit": 0}  # how many times each program was traced (compiled); tests read it
+TRACE_COUNT = traces.counter("ledits_pp", "invert", "edit")  # traces (= compilations) of each program
 
 
 @xla_options.jit(static_argnames=("graph",))
@@ -191,7 +192,7 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
                                             self.vae_scale_factor)
         x0 = _encode_image(self._vae[0], self._vae[1], jnp.asarray(images), self.vae.config.scaling_factor)
         batch, h, w, _ = x0.shape
-        reconstruction = np.asarray(_decode(self._vae[0], self._vae[1], x0, self.vae.config.scaling_factor))
+        reconstruction = np.asarray(decode(self._vae[0], self._vae[1], x0, self.vae.config.scaling_factor))
         draws = self._inversion_noise(noise, seed, prng_key, steps, batch, h, w)
         context, copies = self._source_context(source_prompt, guidance_scale, batch, clip_skip,
                                                latent_size=(h, w))

@@ -34,7 +34,7 @@ from sega_jax.pipelines.ledits_pp.sd import (
     ledits_scheduler_kwargs,
     state_dtype,
 )
-from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline, _time_ids
+from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline, micro_conditioning_ids
 
 _XL = SemanticStableDiffusionXLPipeline
 
@@ -88,7 +88,7 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
         """As the SD pipeline's `invert`, with SDXL's negative prompts, micro-conditioning crop and
         `num_zero_noise_steps` (the last noise maps in editing order set to zero)."""
         zero = inputs.check_int(num_zero_noise_steps, "num_zero_noise_steps", minimum=0)
-        _time_ids((1, 1), crops_coords_top_left, (1, 1), "")  # a bad crop fails before any work
+        micro_conditioning_ids((1, 1), crops_coords_top_left, (1, 1), "")  # a bad crop fails before any work
         self._invert_xl = dict(negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
                                crops_coords_top_left=crops_coords_top_left)
         try:
@@ -113,7 +113,7 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
         args = self._invert_xl or {}
         size = tuple(n * self.vae_scale_factor for n in latent_size)
         crop = args.get("crops_coords_top_left", (0, 0))
-        ids = jnp.broadcast_to(_time_ids(size, crop, size, ""), (batch, 6))
+        ids = jnp.broadcast_to(micro_conditioning_ids(size, crop, size, ""), (batch, 6))
         prompts = [source_prompt] * batch
         uncond = self._negative(args.get("negative_prompt"), args.get("negative_prompt_2"), prompts,
                                 self._zero_text(batch))
@@ -170,7 +170,8 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
                              reverse_editing_direction=reverse_editing_direction,
                              guidance_rescale=guidance_rescale)
         size = (h * self.vae_scale_factor, w * self.vae_scale_factor)
-        ids = _time_ids(size, crops_coords_top_left, size if target_size is None else target_size, "")
+        target = size if target_size is None else target_size
+        ids = micro_conditioning_ids(size, crops_coords_top_left, target, "")
         uncond = self._edit_uncond(negative_prompt, negative_prompt_2, negative_prompt_embeds,
                                    negative_pooled_prompt_embeds, batch)
         uncond["time_ids"] = jnp.broadcast_to(ids, (batch, 6))

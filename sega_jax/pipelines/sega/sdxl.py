@@ -200,7 +200,8 @@ class SemanticStableDiffusionXLPipeline(SemanticStableDiffusionPipeline):
         prompts_2 = inputs.prompt_list(prompt_2, "prompt_2") if prompt_2 else prompts
         if len(prompts_2) != len(prompts):
             raise ValueError(f"`prompt_2` has {len(prompts_2)} entries for {len(prompts)} prompts")
-        time_ids = _time_ids(original_size or size, crops_coords_top_left, target_size or size, "")
+        time_ids = micro_conditioning_ids(original_size or size, crops_coords_top_left, target_size or size,
+                                          "")
         text = self._encode_xl(prompts, prompts_2, clip_skip)
         text["time_ids"] = jnp.broadcast_to(time_ids, (len(prompts), 6))
         copies = [text]
@@ -208,7 +209,7 @@ class SemanticStableDiffusionXLPipeline(SemanticStableDiffusionPipeline):
             uncond = self._negative(negative_prompt, negative_prompt_2, prompts, text)
             uncond["time_ids"] = text["time_ids"]
             if negative_original_size is not None and negative_target_size is not None:
-                negative_ids = _time_ids(negative_original_size, negative_crops_coords_top_left,
+                negative_ids = micro_conditioning_ids(negative_original_size, negative_crops_coords_top_left,
                                          negative_target_size, "negative_")
                 uncond["time_ids"] = jnp.broadcast_to(negative_ids, text["time_ids"].shape)
             copies = [uncond, text]
@@ -236,7 +237,7 @@ class SemanticStableDiffusionXLPipeline(SemanticStableDiffusionPipeline):
         return self._encode_xl(negatives, negatives_2)
 
 
-def _time_ids(original_size, crops_coords_top_left, target_size, prefix: str) -> Array:
+def micro_conditioning_ids(original_size, crops_coords_top_left, target_size, prefix: str) -> Array:
     """SDXL's six micro-conditioning ids: original (h, w), crop (top, left), target (h, w)."""
     values: list[Any] = []
     for name, value in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),

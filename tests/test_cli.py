@@ -59,7 +59,7 @@ BLOCKER = textwrap.dedent("""
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     full_env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "sega_jax.cli.generate", *args], cwd=ROOT, env=full_env,
+    return subprocess.run([sys.executable, "-m", "sega_jax.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -27,10 +27,10 @@ from sega_jax.loaders import lora
 from sega_jax.loaders.concepts import load_textual_inversion
 from sega_jax.models.safety_checker import run_safety_checker as check_safety
 from sega_jax.pipelines import inputs
-from sega_jax.runtime import xla_options
+from sega_jax.runtime import traces, xla_options
 from sega_jax.schedulers import scheduler_from_name
 
-TRACE_COUNT = {"denoise": 0}  # how many times the denoising loop was traced (compiled); tests read it
+TRACE_COUNT = traces.counter("sega", "denoise")  # traces (= compilations) of the denoising loop
 _HOST_HOOKS: list = []  # the running call's per-step host hook; a fixed function keeps the jit cache hot
 
 

@@ -89,7 +89,7 @@ def edit_settings(
     """Validated per-concept lists (and scalars) ready for `EditParams.create`."""
     settings = {
         "edit_guidance_scale": [
-            _number(v, "edit_guidance_scale")
+            check_number(v, "edit_guidance_scale")
             for v in per_concept("edit_guidance_scale", edit_guidance_scale, num_concepts)
         ],
         "edit_threshold": [
@@ -109,10 +109,10 @@ def edit_settings(
                 num_concepts,
             )
         ],
-        "edit_momentum_scale": _number(
+        "edit_momentum_scale": check_number(
             0.0 if edit_momentum_scale is None else edit_momentum_scale, "edit_momentum_scale"
         ),
-        "edit_mom_beta": _number(0.0 if edit_mom_beta is None else edit_mom_beta, "edit_mom_beta"),
+        "edit_mom_beta": check_number(0.0 if edit_mom_beta is None else edit_mom_beta, "edit_mom_beta"),
     }
     if edit_cooldown_steps is None:
         settings["edit_cooldown_steps"] = None
@@ -123,21 +123,21 @@ def edit_settings(
         ]
     # The reference treats an empty or missing `edit_weights` as all ones (`if edit_weights:`).
     settings["edit_weights"] = (
-        [_number(v, "edit_weights") for v in per_concept("edit_weights", edit_weights, num_concepts)]
+        [check_number(v, "edit_weights") for v in per_concept("edit_weights", edit_weights, num_concepts)]
         if edit_weights is not None and len(edit_weights)
         else None
     )
     return settings
 
 
-def _number(value, name: str) -> float:
+def check_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}")
     return float(value)
 
 
 def _unit(value, name: str) -> float:
-    value = _number(value, name)
+    value = check_number(value, name)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"`{name}` must lie in [0, 1] (it is a quantile), got {value!r}")
     return value

@@ -43,9 +43,9 @@ from sega_jax.pipelines.placement import (
     split_for_pmap,
 )
 from sega_jax.pipelines.placement import REPLICATIONS as REPLICATIONS  # re-exported: tests read it here
-from sega_jax.runtime import xla_options
+from sega_jax.runtime import traces, xla_options
 
-TRACE_COUNT = {"jit": 0, "pmap": 0}  # traces (= compilations) of the per-device body, per entry point
+TRACE_COUNT = traces.counter("parallel", "jit", "pmap")  # traces of the per-device body, per entry point
 
 # Batch axis of each input of the per-device body (None: replicated).
 _IN_AXES = dict(unet=None, vae=None, schedule=None, noise=0, context=1, params=0, keys=0, eta=None, replay=1)
@@ -111,7 +111,7 @@ def check_setting(num_concepts: int, setting: Mapping[str, Any]) -> dict:
     checked = inputs.edit_settings(num_concepts, **{**EDIT_DEFAULTS, **edits})
     out = {key: checked[key] for key in edits}
     if "guidance_scale" in setting:
-        out["guidance_scale"] = inputs._number(setting["guidance_scale"], "guidance_scale")
+        out["guidance_scale"] = inputs.check_number(setting["guidance_scale"], "guidance_scale")
     return out
 
 

@@ -2,3 +2,7 @@
 and its checks), `store` (local folders and object stores), `files`, `png`, `jobs`, `status` and
 `command` (the verb). May import `settings`, `pipelines` and below; never `cli`, `app` or `bench`.
 """
+
+from sega_jax.sweep.command import main
+
+__all__ = ["main"]

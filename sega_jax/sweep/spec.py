@@ -184,8 +184,8 @@ def _check_scalars(values: dict) -> None:
             if values[key] is not None and inputs.check_int(values[key], key, minimum=8) % 8:
                 raise ValueError(f"`{key}` must be a multiple of 8, got {values[key]}")
         inputs.check_int(values["devices"], "devices", minimum=1, allow_none=True)
-        inputs._number(values["eta"], "eta")
-        inputs._number(values["guidance_scale"], "guidance_scale")
+        inputs.check_number(values["eta"], "eta")
+        inputs.check_number(values["guidance_scale"], "guidance_scale")
     except ValueError as err:
         raise SpecError(str(err)) from err
 

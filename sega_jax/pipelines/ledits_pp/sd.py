@@ -178,10 +178,10 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
             raise ValueError("`cross_attention_kwargs` (LoRA scales, custom processors) is not supported")
         inputs.check_finite(source_guidance_scale=source_guidance_scale, skip=skip, noise=noise)
         steps = inputs.check_int(num_inversion_steps, "num_inversion_steps", minimum=1)
-        skip = inputs._number(skip, "skip")
+        skip = inputs.check_number(skip, "skip")
         if not 0.0 <= skip < 1.0:
             raise ValueError(f"`skip` must lie in [0, 1), got {skip!r}")
-        guidance_scale = inputs._number(source_guidance_scale, "source_guidance_scale")
+        guidance_scale = inputs.check_number(source_guidance_scale, "source_guidance_scale")
         if not isinstance(source_prompt, str):
             raise TypeError(f"`source_prompt` must be a string, got {type(source_prompt).__name__}")
         clip_skip = inputs.check_int(clip_skip, "clip_skip", allow_none=True)
@@ -360,7 +360,7 @@ def edit_params(k: int, tokens, *, edit_guidance_scale, edit_threshold, edit_war
         edit_warmup_steps=edit_warmup_steps, edit_cooldown_steps=edit_cooldown_steps,
         reverse_editing_direction=reverse_editing_direction, edit_weights=None, edit_momentum_scale=0.0,
         edit_mom_beta=0.0)
-    rescale = inputs._number(guidance_rescale, "guidance_rescale")
+    rescale = inputs.check_number(guidance_rescale, "guidance_rescale")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"`guidance_rescale` must be in [0, 1], got {guidance_rescale!r}")
     return LEditsParams.create(

@@ -192,7 +192,7 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
         timesteps = np.asarray(inversion.timesteps)
         if denoising_end is None:
             return len(timesteps)
-        end = inputs._number(denoising_end, "denoising_end")
+        end = inputs.check_number(denoising_end, "denoising_end")
         if not 0.0 < end < 1.0:  # the reference ignores values outside (0, 1)
             return len(timesteps)
         total = int(self.scheduler.num_train_timesteps)

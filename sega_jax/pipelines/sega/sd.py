@@ -28,7 +28,6 @@ from sega_jax.pipelines.base import (
     DenoiseJob,
     PipelineBase,
     SemanticStableDiffusionPipelineOutput,
-    decode,
     encode_text,
 )
 from sega_jax.runtime.cache import enable_compilation_cache
@@ -37,8 +36,6 @@ __all__ = ["TRACE_COUNT", "DenoiseJob", "SemanticStableDiffusionPipeline",
            "SemanticStableDiffusionPipelineOutput"]
 
 logger = logging.getLogger(__name__)
-
-_decode = decode  # the name `sega_jax.pipelines.ledits_pp.sd` imports until it takes `base.decode`
 
 
 class SemanticStableDiffusionPipeline(PipelineBase):
@@ -218,7 +215,7 @@ class SemanticStableDiffusionPipeline(PipelineBase):
         steps = inputs.check_int(num_inference_steps, "num_inference_steps", minimum=1)
         h, w = self._latent_size(height, width)
         batch = len(prompts) * per_prompt
-        guidance_scale = inputs._number(guidance_scale, "guidance_scale")
+        guidance_scale = inputs.check_number(guidance_scale, "guidance_scale")
         do_cfg = guidance_scale > 1.0
         concepts = self._concepts(editing_prompt, editing_prompt_embeddings, len(prompts), per_prompt,
                                   **conditioning)
@@ -264,7 +261,7 @@ class SemanticStableDiffusionPipeline(PipelineBase):
             context=context,
             params=params,
             image_keys=keys,
-            eta=jnp.float32(inputs._number(eta, "eta")),
+            eta=jnp.float32(inputs.check_number(eta, "eta")),
             replay=replay,
             schedule=schedule,
             num_concepts=num_concepts,

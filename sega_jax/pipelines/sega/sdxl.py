@@ -154,7 +154,7 @@ class SemanticStableDiffusionXLPipeline(SemanticStableDiffusionPipeline):
         inputs.check_finite(  # the core's `prepare` checks the rest
             guidance_rescale=guidance_rescale, editing_prompt_embeddings=editing_prompt_embeddings,
             editing_pooled_prompt_embeds=editing_pooled_prompt_embeds)
-        rescale = inputs._number(guidance_rescale, "guidance_rescale")
+        rescale = inputs.check_number(guidance_rescale, "guidance_rescale")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` must be in [0, 1], got {guidance_rescale!r}")
         clip_skip = inputs.check_int(clip_skip, "clip_skip", allow_none=True) or None
@@ -245,5 +245,5 @@ def micro_conditioning_ids(original_size, crops_coords_top_left, target_size, pr
         pair = list(value) if isinstance(value, (tuple, list, np.ndarray)) else None
         if pair is None or len(pair) != 2:
             raise ValueError(f"`{prefix}{name}` must be a pair of numbers, got {value!r}")
-        values += [inputs._number(v, f"{prefix}{name}") for v in pair]
+        values += [inputs.check_number(v, f"{prefix}{name}") for v in pair]
     return jnp.asarray(values, jnp.float32)

@@ -31,7 +31,7 @@ HEADER = ("## sega-jax: semantic editing in the browser\nEdit values, seeds and 
 
 
 def blocks(session: Session):
-    """The app for a session (see `sega_jax.app.session.build`)."""
+    """The app for a session (see `sega_jax.app.build`)."""
     gr = require_gradio()
     with gr.Blocks(title="sega-jax", analytics_enabled=False) as app:
         gr.Markdown(f"{HEADER}\n\nModel: `{session.model}` ({type(session.pipe).__name__})")

@@ -115,6 +115,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(np.clip(images.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """Float images (B, H, W, 3) in [0, 1] (or uint8) as PIL images: the one float-to-PIL conversion."""
+    return [Image.fromarray(image) for image in to_uint8(images)]
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPImageProcessor:
     """A `preprocessor_config.json`; defaults are transformers' `CLIPImageProcessor` defaults."""

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sega_jax.builtin.demo import default_model
+from sega_jax.builtin.demo import shipped_model
+from sega_jax.core.guidance import NEVER
 from sega_jax.version import __version__
 
 MODEL_ENV = "SEGA_JAX_MODEL"
 METADATA_KEY = "sega_jax"  # the PNG text chunk holding the full settings as JSON
 FORMAT = "sega-jax/1"
-NEVER = 10**6  # a cooldown step no loop reaches: diffusers' `edit_cooldown_steps=None`
 DEFAULTS: dict[str, Any] = dict(
     model=None,
     prompt=None,
@@ -82,6 +82,12 @@ class Edit:
         if self.reverse:
             options.append("reverse")
         return f"{self.prompt}@{','.join(options)}"
+
+
+def default_model() -> str:
+    """The model used when none is named (CLI, sweeps, app, notebook): $SEGA_JAX_MODEL, else 'demo' when
+    the trained demo model ships in this installation, else 'tiny' (random weights)."""
+    return os.environ.get(MODEL_ENV) or shipped_model()
 
 
 def _num(value: float) -> str:
@@ -191,7 +197,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, int | None]:
             index = None  # a new batch size: write the whole batch
     settings = {**DEFAULTS, **from_png, **given}
     if not settings["model"]:
-        settings["model"] = os.environ.get(MODEL_ENV) or default_model()
+        settings["model"] = default_model()
     if not settings["prompt"]:
         raise CLIError("--prompt is required (or --from-png FILE)")
     for spec in settings["edit"]:

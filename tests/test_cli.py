@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sega_jax.builtin.demo import default_model, demo_folder
+from sega_jax.builtin.demo import demo_folder
 from sega_jax.cli import generate as cli
 from sega_jax.cli.generate import Edit, build_parser, main, output_paths, parse_edit
+from sega_jax.settings import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a woman"

@@ -11,10 +11,10 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from sega_jax.app.session import Session, default_model, require_gradio
+from sega_jax.app.session import Session, require_gradio
 from sega_jax.app.ui import blocks
 from sega_jax.pipelines import load_pipeline
-from sega_jax.settings import MODEL_ENV
+from sega_jax.settings import MODEL_ENV, default_model
 
 __all__ = ["Session", "build", "build_parser", "main"]
 

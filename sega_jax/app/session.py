@@ -37,17 +37,11 @@ from sega_jax.app.core import (
     user_errors,
     watch,
 )
-from sega_jax.builtin.demo import default_model as shipped_default
 from sega_jax.core.sampler import SampleOutput
 from sega_jax.pipelines import family_of_pipeline, ledits_pipeline_for, parallel
-from sega_jax.settings import DEFAULTS, MODEL_ENV, Edit, edit_kwargs, png_info, prepare_kwargs
+from sega_jax.settings import DEFAULTS, Edit, edit_kwargs, png_info, prepare_kwargs
 
 # -- model choice and Gradio ---------------------------------------------------------------------------------
-
-
-def default_model() -> str:
-    """$SEGA_JAX_MODEL, else 'demo' when the trained demo model ships in this installation, else 'tiny'."""
-    return os.environ.get(MODEL_ENV) or shipped_default()
 
 
 def require_gradio():

@@ -89,7 +89,7 @@ def demo_folder(check: bool = False) -> Path:
 BUILTIN_MODELS = ("demo", "tiny")  # model names that need no folder and no network
 
 
-def default_model() -> str:
+def shipped_model() -> str:
     """The model the CLI, the app and the notebook's offline mode use when none is named: 'demo' when the
     trained demo model ships in this installation, else 'tiny' (random weights)."""
     return "demo" if (demo_folder() / "model_index.json").is_file() else "tiny"

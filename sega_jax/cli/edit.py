@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sega_jax.builtin.demo import default_model
 from sega_jax.cli.common import (
     EDIT_HELP,
     Parser,
@@ -39,6 +37,7 @@ from sega_jax.settings import (
     NEVER,
     CLIError,
     Edit,
+    default_model,
     lora_setting,
     parse_edit,
     parse_finite,
@@ -243,7 +242,7 @@ def output_path(out: str | None, image: Path, seed: int) -> Path:
 
 def edit(args: argparse.Namespace) -> int:
     job = edit_job(args)
-    model = args.model or os.environ.get(MODEL_ENV) or default_model()
+    model = args.model or default_model()
     settings = {key: getattr(args, key) for key in ("source_prompt", "source_guidance", "negative_prompt",
                                                     "steps", "skip", "mask_mode", "height", "width",
                                                     "scheduler", "dtype")}

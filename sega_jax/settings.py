@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -51,7 +52,6 @@ SETTING_KEYS = tuple(DEFAULTS)
 XL_FLAGS = {"prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2",
             "guidance_rescale": "--guidance-rescale", "original_size": "--original-size",
             "crops_coords_top_left": "--crops-coords-top-left", "target_size": "--target-size"}
-XL_PIPELINE = "SemanticStableDiffusionXLPipeline"
 
 class CLIError(ValueError):
     """A bad flag or value: reported as one line, exit status 2."""
@@ -240,17 +240,24 @@ def edit_kwargs(edits: Sequence[Edit]) -> dict:
     )
 
 
-def check_family(settings: dict, xl: bool) -> None:
-    """SDXL-only settings (`XL_FLAGS`) are an error on an SD 1.x/2.x model."""
-    given = [flag for key, flag in XL_FLAGS.items() if settings.get(key) is not None]
-    if given and not xl:
-        raise CLIError(f"{', '.join(given)}: SDXL-only, but --model {settings['model']} is an SD 1.x/2.x "
-                       "model (SemanticStableDiffusionPipeline)")
+def accepts(pipeline: type, argument: str) -> bool:
+    """Whether the pipeline class's `__call__` takes `argument` (a family's own settings are its own
+    call arguments: SDXL's `prompt_2`, ..., SD's `run_safety_checker`)."""
+    return argument in inspect.signature(pipeline.__call__).parameters
+
+
+def check_family(settings: dict, pipeline: type) -> None:
+    """Settings of another family (`XL_FLAGS`, SDXL's) are an error on a model whose pipeline lacks them."""
+    given = [flag for key, flag in XL_FLAGS.items()
+             if settings.get(key) is not None and not accepts(pipeline, key)]
+    if given:
+        raise CLIError(f"{', '.join(given)}: SDXL-only, but --model {settings['model']} is a "
+                       f"{pipeline.__name__} model")
 
 
 def prepare_kwargs(settings: dict) -> dict:
     """`pipe.prepare`'s arguments (diffusers' names) for CLI settings; SDXL's only when given."""
-    xl = {key: tuple(v) if isinstance(v, list) else v for key in XL_FLAGS
+    sdxl_only = {key: tuple(v) if isinstance(v, list) else v for key in XL_FLAGS
           if (v := settings.get(key)) is not None}
     return dict(
         prompt=settings["prompt"],
@@ -264,16 +271,17 @@ def prepare_kwargs(settings: dict) -> dict:
         seed=settings["seed"],
         edit_momentum_scale=settings["momentum_scale"],
         edit_mom_beta=settings["mom_beta"],
-        **xl,
+        **sdxl_only,
         **edit_kwargs([parse_edit(spec) for spec in settings["edit"]]),
     )
 
 
-def call_kwargs(settings: dict, xl: bool = False) -> dict:
-    """The pipeline call (diffusers' argument names) for CLI settings; an SDXL pipeline (`xl`) has no
-    safety checker to switch off."""
+def call_kwargs(settings: dict, pipeline: type) -> dict:
+    """The pipeline call (diffusers' argument names) for CLI settings; `run_safety_checker` only for a
+    pipeline that has a safety checker to switch off."""
     kwargs = prepare_kwargs(settings)
-    return kwargs if xl else {**kwargs, "run_safety_checker": settings["safety_checker"]}
+    checker = accepts(pipeline, "run_safety_checker")
+    return {**kwargs, "run_safety_checker": settings["safety_checker"]} if checker else kwargs
 
 
 # -- PNG metadata ------------------------------------------------------------------------------------------
@@ -334,16 +342,15 @@ def parameters_text(settings: dict, sampler: str, index: int) -> str:
     return "\n".join(lines)
 
 
-def png_info(settings: dict, scheduler_config: dict, index: int, pipeline: str | None = None):
-    """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce); `pipeline`
-    is the pipeline class's name."""
+def png_info(settings: dict, scheduler_config: dict, index: int, pipeline: type):
+    """PNG text chunks: `parameters` (human-readable) and `sega_jax` (JSON, enough to reproduce, with the
+    pipeline class's name) for an image of `pipeline` (the class)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters_text(settings, sampler_name(scheduler_config), index))
     data = {"format": FORMAT, "version": __version__, "settings": settings, "index": index,
-            "scheduler_config": scheduler_config, "call": call_kwargs(settings, pipeline == XL_PIPELINE)}
-    if pipeline:
-        data["pipeline"] = pipeline
+            "scheduler_config": scheduler_config, "call": call_kwargs(settings, pipeline),
+            "pipeline": pipeline.__name__}
     info.add_text(METADATA_KEY, json.dumps(data, default=str))
     return info

@@ -129,9 +129,8 @@ class Session:
             return self.pipe.run(job).images[0]
 
     def write_png(self, image: Image.Image, settings: dict, name: str) -> Path:
-        pipeline = type(self.pipe).__name__
         path = self.folder / f"sega_{settings['seed']}_{name}.png"
-        image.save(path, pnginfo=png_info(settings, dict(self.pipe.scheduler.config), 0, pipeline))
+        image.save(path, pnginfo=png_info(settings, dict(self.pipe.scheduler.config), 0, type(self.pipe)))
         return path
 
     def generate(self, request: GenerateRequest) -> tuple[Image.Image, Image.Image, Path, Path, str]:

@@ -202,12 +202,13 @@ def load_pipeline(settings: dict, progress: bool = False):
                                   progress=progress, requires_safety_checker=False)
 
 
-def model_is_xl(model: str) -> bool | None:
-    """Whether the model is SDXL, known without loading it ("tiny" or a local folder), else None."""
+def known_pipeline_class(model: str) -> type | None:
+    """The model's SEGA pipeline class when known without loading it (a built-in name or a local folder),
+    else None (a hub id)."""
     if model in BUILTIN_MODELS:
-        return False
+        return registry.SD.sega  # both built-in models are SD-shaped
     if Path(model).expanduser().is_dir():
-        return registry.family_of(Path(model).expanduser()) is registry.SDXL
+        return registry.pipeline_class(Path(model).expanduser())
     return None
 
 
@@ -224,9 +225,9 @@ def _check_early(settings: dict, out: str | None) -> None:
             raise CLIError(f"--model {model}: no such diffusers pipeline folder (nor a hub id like "
                            "'owner/name'); offline models: --model demo (trained, shipped) or tiny "
                            "(random weights)")
-    xl = model_is_xl(model)
-    if xl is not None:
-        check_family(settings, xl)
+    pipeline = known_pipeline_class(model)
+    if pipeline is not None:
+        check_family(settings, pipeline)
     output_paths(out, 0, range(settings["n"]))
 
 
@@ -235,17 +236,16 @@ def _write_images(pipe, settings: dict, images: list, out: str | None, only: int
     paths = output_paths(out, settings["seed"], indices)
     for i, path in zip(indices, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        images[i].save(path, pnginfo=png_info(settings, pipe.scheduler.config, i, type(pipe).__name__))
+        images[i].save(path, pnginfo=png_info(settings, pipe.scheduler.config, i, type(pipe)))
     return paths
 
 
 def run_pipeline(pipe, settings: dict, args: argparse.Namespace):
     """Check the settings against the loaded family, fill the pipeline's own guidance default (unless a
     flag or the PNG gave one) and run it: the same `prepare` + `run` for every family."""
-    family = registry.family_of_pipeline(pipe)
-    check_family(settings, family is registry.SDXL)
+    check_family(settings, type(pipe))
     if "guidance" not in vars(args) and not getattr(args, "from_png", None):
-        settings["guidance"] = family.default_guidance
+        settings["guidance"] = registry.family_of_pipeline(pipe).default_guidance
     load_loras(pipe, [parse_lora(spec) for spec in settings.get("lora") or []])
     job = pipe.prepare(**prepare_kwargs(settings))
     return pipe.run(job, run_safety_checker=settings["safety_checker"])

@@ -93,7 +93,7 @@ def png(image: np.ndarray, spec: SweepSpec, item: Item, pipe) -> bytes:
     from PIL import Image
 
     settings = generate_settings(spec, item, image.shape[:2])
-    info = png_info(settings, pipe.scheduler.config, item.image, type(pipe).__name__)
+    info = png_info(settings, pipe.scheduler.config, item.image, type(pipe))
     buffer = io.BytesIO()
     Image.fromarray(np.round(image * 255).astype(np.uint8)).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

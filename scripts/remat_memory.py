@@ -25,7 +25,7 @@ from sega_jax.pipelines.base import denoiser
 def temp_bytes(pipe, steps: int, size: int, concepts: int, remat: bool) -> int:
     job = pipe.prepare("a photo of the face of a woman", editing_prompt=CONCEPTS[:concepts], seed=0,
                        num_inference_steps=steps, height=size, width=size, edit_warmup_steps=0)
-    graph, state = pipe._unet
+    graph, state = pipe.unet_parts
 
     def loss(scales, state):
         out = sega_sample(denoiser(nnx.merge(graph, state)), pipe.scheduler, job.schedule, job.noise,

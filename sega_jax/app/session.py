@@ -116,7 +116,7 @@ class Session:
         """The CLI's settings for a request (what the PNG metadata records)."""
         import jax
 
-        dtype = str(jax.tree.leaves(self.pipe._unet[1])[0].dtype)
+        dtype = str(jax.tree.leaves(self.pipe.unet_parts[1])[0].dtype)
         return {**DEFAULTS, "model": self.model, "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
                 "edit": [e.inline() for e in request.edits] if edited else [], "steps": request.steps,

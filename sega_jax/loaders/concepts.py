@@ -291,7 +291,7 @@ def learn(pipe, images, placeholder_token: str, initializer_token: str, *, num_v
     constants = (jnp.int32(first_id), jnp.float32(pipe.vae.config.scaling_factor),
                  jnp.asarray(pipe.scheduler.alphas_cumprod(), jnp.float32))
     # the token table apart from the rest of the encoder: the loss writes the learned rows into it
-    models = (*pipe._unet, *nnx.split(pipe.text_encoder, nnx.PathContains("token_embedding"), ...))
+    models = (*pipe.unet_parts, *nnx.split(pipe.text_encoder, nnx.PathContains("token_embedding"), ...))
     optimizer = _optimizer(learning_rate)
     rows = jnp.asarray(init)
     opt_state = optimizer.init(rows)

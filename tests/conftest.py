@@ -42,8 +42,9 @@ def pytest_runtest_makereport(item, call):
 # collected there; their parity is covered by tests/test_cross_version_parity.py against stored references.
 TORCH_FREE_LEG = os.environ.get("SEGA_JAX_TORCH_FREE") == "1"
 _NEEDS_TORCH = re.compile(
-    r"^\s*(import|from)\s+(torch|diffusers)\b|importorskip\(\s*[\"'](torch|diffusers)|sega_jax\.reference"
-    r"|tests\.tiny_pipeline|^from tests\.test_\w+ import",
+    r"^\s*(import|from)\s+(torch|diffusers)\b|importorskip\(\s*[\"'](torch|diffusers)"
+    r"|sega_jax\.(testing\.)?reference|tests\.tiny_pipeline|tests\.scheduler_cases"
+    r"|^from tests\.test_\w+ import",
     re.MULTILINE,
 )
 _RUNS_DIFFUSERS = {"test_benchmark.py"}  # times diffusers beside ours in a subprocess

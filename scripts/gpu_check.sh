@@ -39,7 +39,7 @@ python3 -c "import jax; d = jax.devices(); assert d[0].platform == 'gpu', d; pri
 start=$(date +%s)
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 -m pytest -q -x -m "not heavy" \
   -p no:cacheprovider tests/test_attention.py tests/test_unet.py tests/test_vae.py tests/test_clip.py \
-  tests/test_guidance.py tests/test_schedulers.py tests/test_pipeline.py 2>&1 | tee "$OUT/parity.log"
+  tests/test_guidance.py tests/test_schedulers.py tests/test_scheduler_configs.py tests/test_pipeline.py 2>&1 | tee "$OUT/parity.log"
 parity_rc=${PIPESTATUS[0]}
 parity_s=$(( $(date +%s) - start ))
 

@@ -1,19 +1,12 @@
 """Schedulers against diffusers: whole trajectories on identical model outputs (and identical noise).
 
 Ours run in NHWC, diffusers in NCHW, on the same numbers; every step's sample must agree to 1e-5 relative to
-max |reference|, and timesteps / sigmas / init_noise_sigma must be identical.
+max |reference|, and timesteps / sigmas / init_noise_sigma must be identical (helpers:
+tests/scheduler_cases.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import itertools
-import json
-import math
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,131 +15,20 @@ diffusers = pytest.importorskip("diffusers")
 ea_module = pytest.importorskip("diffusers.schedulers.scheduling_euler_ancestral_discrete")
 
 from sega_jax.schedulers import (  # noqa: E402
-    SCHEDULER_ALIASES,
-    SCHEDULERS,
     DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
     PNDMScheduler,
-    base,
-    load_scheduler,
-    scheduler_from_config,
-    scheduler_from_name,
 )
-from sega_jax.schedulers.lms import lms_coefficients  # noqa: E402
-
-# Stable Diffusion 1.5's scheduler/scheduler_config.json.
-SD_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-SHAPE = (1, 4, 8, 8)  # diffusers' NCHW; ours gets the NHWC transpose
-TOL = 1e-5
-ULPS = 2.5e-7  # about two float32 ulps
-STEPS = (1, 7, 25)
-SPACINGS = ("leading", "trailing", "linspace")
-WORST: dict[str, float] = {}
-
-
-def _nhwc(a: np.ndarray) -> jax.Array:
-    return jnp.asarray(a.transpose(0, 2, 3, 1))
-
-
-def _nchw(a: jax.Array) -> np.ndarray:
-    return np.asarray(a, np.float32).transpose(0, 3, 1, 2)
-
-
-def _normal(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
-
-
-def _rel(ours: jax.Array, ref: torch.Tensor) -> float:
-    r = ref.numpy()
-    return float(np.abs(_nchw(ours) - r).max() / np.abs(r).max())
-
-
-class _CorrectlyRoundedSqrt:
-    """Within the block, torch's float32 `tensor ** 0.5` is IEEE sqrt (numpy's).
-
-    torch 2.13's CPU sqrt is not correctly rounded: on this AVX-512 machine 17% of random float32 inputs
-    come out 1 ulp off IEEE (whatever ATEN_CPU_CAPABILITY says), 190 of SD's 1000 training sigmas among
-    them. Near t = 0 the Karras schedules' sigma -> t interpolation (over log-sigma steps of ~0.03)
-    turns that ulp into ~2e-6 of a timestep. diffusers' schedule computes its training sigmas as
-    `((1 - a) / a) ** 0.5`; with this, the reference is that formula evaluated exactly, as ours is.
-    """
-
-    def __enter__(self):
-        self.original = torch.Tensor.__pow__
-
-        def power(tensor, exponent):
-            if exponent == 0.5 and tensor.dtype == torch.float32:
-                return torch.from_numpy(np.atleast_1d(np.sqrt(tensor.detach().numpy()))).reshape(tensor.shape)
-            return self.original(tensor, exponent)
-
-        torch.Tensor.__pow__ = power
-        return self
-
-    def __exit__(self, *exc):
-        torch.Tensor.__pow__ = self.original
-
-
-def _check_schedule(name: str, config: dict, n: int):
-    """Both schedulers set up for n steps, with identical timesteps, sigmas and init_noise_sigma.
-
-    Integer timesteps must be equal; float ones and sigmas may differ by an ulp or two (torch's CPU log
-    is not correctly rounded either); the reference's training sigmas use IEEE sqrt, see above.
-    """
-    ours = SCHEDULERS[name].from_config(config)
-    ref = getattr(diffusers, name).from_config(config)
-    schedule = ours.set_timesteps(n)
-    with _CorrectlyRoundedSqrt():
-        ref.set_timesteps(n)
-    ref_t, our_t = ref.timesteps.numpy(), np.asarray(schedule.timesteps)
-    assert our_t.shape == ref_t.shape
-    assert np.issubdtype(our_t.dtype, np.integer) == np.issubdtype(ref_t.dtype, np.integer)
-    if np.issubdtype(our_t.dtype, np.integer):
-        np.testing.assert_array_equal(our_t, ref_t)
-    else:
-        np.testing.assert_allclose(our_t, ref_t, rtol=ULPS, atol=1e-6)
-    if hasattr(schedule, "sigmas"):
-        np.testing.assert_allclose(np.asarray(schedule.sigmas), ref.sigmas.numpy(), rtol=ULPS, atol=0)
-    init_sigma = np.float32(schedule.init_noise_sigma)
-    np.testing.assert_allclose(init_sigma, np.float32(ref.init_noise_sigma), rtol=ULPS)
-    return ours, schedule, ref
-
-
-def run_trajectory(name: str, config: dict, n: int, monkeypatch=None, eta: float = 0.0) -> float:
-    """Step ours and diffusers' through the whole schedule; returns the worst relative difference."""
-    ours, schedule, ref = _check_schedule(name, config, n)
-    x_ref = torch.from_numpy(_normal(0) * np.float32(ref.init_noise_sigma))
-    x = _nhwc(x_ref.numpy())
-    state = ours.init_state(schedule, x.shape, x.dtype)
-    worst = 0.0
-    for i, t in enumerate(ref.timesteps):
-        eps, z = _normal(1000 + i), _normal(5000 + i)
-        worst = max(worst, _rel(ours.scale_model_input(schedule, x, i), ref.scale_model_input(x_ref, t)))
-        kwargs = {}
-        if name == "DDIMScheduler":
-            kwargs = {"eta": eta, "variance_noise": torch.from_numpy(z)}
-        elif name == "EulerAncestralDiscreteScheduler":  # it draws with randn_tensor: hand it our noise
-            monkeypatch.setattr(ea_module, "randn_tensor", lambda *a, _z=z, **k: torch.from_numpy(_z))
-        x_ref = ref.step(torch.from_numpy(eps), t, x_ref, **kwargs).prev_sample
-        x, state = ours.step(schedule, state, _nhwc(eps), i, x, eta=eta, noise=_nhwc(z))
-        worst = max(worst, _rel(x, x_ref))
-        assert worst <= TOL, f"step {i}: relative diff {worst:.3g}"
-    WORST[name] = max(WORST.get(name, 0.0), worst)
-    return worst
+from tests.scheduler_cases import (  # noqa: E402
+    SD_CONFIG,
+    SPACINGS,
+    STEPS,
+    WORST,
+    cases,
+    check_schedule,
+    nhwc,
+    normal,
+    run_trajectory,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,12 +37,8 @@ def _report_worst():
     print("\nworst relative diff per scheduler:", {k: f"{v:.2e}" for k, v in sorted(WORST.items())})
 
 
-def _cases(*axes):
-    return list(itertools.product(*axes))
-
-
 # ---- trajectories ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
+@pytest.mark.parametrize("pred,n,spacing", cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
 @pytest.mark.parametrize(
     "variant", [{"eta": 0.0}, {"eta": 0.6, "set_alpha_to_one": True, "clip_sample": True}]
 )
@@ -175,7 +53,7 @@ def test_ddim(pred, n, spacing, variant):
 PNDM_CASES = [
     (pred, n, spacing, skip_prk)
     for skip_prk in (True, False)
-    for pred, n, spacing in _cases(("epsilon", "v_prediction"), (1, 4, 7, 25), SPACINGS)
+    for pred, n, spacing in cases(("epsilon", "v_prediction"), (1, 4, 7, 25), SPACINGS)
     if skip_prk or n >= 4
 ]
 
@@ -189,7 +67,7 @@ def test_pndm(pred, n, spacing, skip_prk):
     assert len(PNDMScheduler.from_config(config).set_timesteps(n).timesteps) == expected
 
 
-@pytest.mark.parametrize("n,spacing", _cases((1, 2, 3), SPACINGS))
+@pytest.mark.parametrize("n,spacing", cases((1, 2, 3), SPACINGS))
 def test_pndm_runge_kutta_warmup_with_fewer_than_four_steps_is_a_clear_error(n, spacing):
     """diffusers' PNDM crashes there (a numpy broadcasting error); ours names the setting and the minimum."""
     config = {**SD_CONFIG, "timestep_spacing": spacing, "skip_prk_steps": False}
@@ -201,21 +79,21 @@ def test_pndm_runge_kutta_warmup_with_fewer_than_four_steps_is_a_clear_error(n, 
     assert len(four.timesteps) == 4 + 9  # 4 steps are enough (n + 9 timesteps, as in test_pndm)
 
 
-@pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
+@pytest.mark.parametrize("pred,n,spacing", cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
 @pytest.mark.parametrize("karras", [False, True])
 def test_lms(pred, n, spacing, karras):
     config = {**SD_CONFIG, "prediction_type": pred, "timestep_spacing": spacing, "use_karras_sigmas": karras}
     run_trajectory("LMSDiscreteScheduler", config, n)
 
 
-@pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
+@pytest.mark.parametrize("pred,n,spacing", cases(("epsilon", "v_prediction", "sample"), STEPS, SPACINGS))
 @pytest.mark.parametrize("karras", [False, True])
 def test_euler(pred, n, spacing, karras):
     config = {**SD_CONFIG, "prediction_type": pred, "timestep_spacing": spacing, "use_karras_sigmas": karras}
     run_trajectory("EulerDiscreteScheduler", config, n)
 
 
-@pytest.mark.parametrize("pred,n", _cases(("epsilon", "v_prediction"), (7, 25)))
+@pytest.mark.parametrize("pred,n", cases(("epsilon", "v_prediction"), (7, 25)))
 @pytest.mark.parametrize(
     "variant",
     [
@@ -229,13 +107,13 @@ def test_euler_variants(pred, n, variant):
     run_trajectory("EulerDiscreteScheduler", {**SD_CONFIG, "prediction_type": pred, **variant}, n)
 
 
-@pytest.mark.parametrize("pred,n,spacing", _cases(("epsilon", "v_prediction"), STEPS, SPACINGS))
+@pytest.mark.parametrize("pred,n,spacing", cases(("epsilon", "v_prediction"), STEPS, SPACINGS))
 def test_euler_ancestral(pred, n, spacing, monkeypatch):
     config = {**SD_CONFIG, "prediction_type": pred, "timestep_spacing": spacing}
     run_trajectory("EulerAncestralDiscreteScheduler", config, n, monkeypatch)
 
 
-@pytest.mark.parametrize("pred,n", _cases(("epsilon", "v_prediction", "sample"), (1, 2, 7, 25)))
+@pytest.mark.parametrize("pred,n", cases(("epsilon", "v_prediction", "sample"), (1, 2, 7, 25)))
 @pytest.mark.parametrize("sigmas", [*SPACINGS, "karras"])
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
 def test_dpm_solver(pred, n, sigmas, final):
@@ -244,7 +122,7 @@ def test_dpm_solver(pred, n, sigmas, final):
     run_trajectory("DPMSolverMultistepScheduler", config, n)
 
 
-@pytest.mark.parametrize("pred,n", _cases(("epsilon", "v_prediction"), (7, 25)))
+@pytest.mark.parametrize("pred,n", cases(("epsilon", "v_prediction"), (7, 25)))
 @pytest.mark.parametrize(
     "variant",
     [
@@ -266,11 +144,11 @@ def test_dpm_solver_squaredcos_karras_schedule():
     repeated timestep, for which diffusers' step-index lookup starts at index 1 and later runs off the end of
     its sigmas, so only the schedule is compared here; our trajectory must stay finite."""
     config = {**SD_CONFIG, "beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}
-    ours, schedule, _ = _check_schedule("DPMSolverMultistepScheduler", config, 7)
-    x = _nhwc(_normal(0))
+    ours, schedule, _ = check_schedule("DPMSolverMultistepScheduler", config, 7)
+    x = nhwc(normal(0))
     state = ours.init_state(schedule, x.shape, x.dtype)
     for i in range(7):
-        x, state = ours.step(schedule, state, _nhwc(_normal(1000 + i)), i, x)
+        x, state = ours.step(schedule, state, nhwc(normal(1000 + i)), i, x)
     assert np.isfinite(np.asarray(x)).all()
 
 
@@ -283,274 +161,3 @@ def test_alphas_cumprod_bit_exact(schedule):
     np.testing.assert_array_equal(
         DDIMScheduler.from_config(config).alphas_cumprod(), ref.alphas_cumprod.numpy()
     )
-
-
-# ---- JAX behaviour ---------------------------------------------------------------------------------------
-def _scan_loop(sched, counter):
-    """The sampler's loop: scale_model_input + step in lax.scan, step index traced."""
-
-    @jax.jit
-    def loop(schedule, x, eps_seq, noise_seq, eta):
-        counter["traces"] += 1
-
-        def body(carry, inputs):
-            x, state = carry
-            i, eps, z = inputs
-            x_in = sched.scale_model_input(schedule, x, i)
-            x, state = sched.step(schedule, state, eps + 0 * x_in, i, x, eta=eta, noise=z)
-            return (x, state), (x_in, x)
-
-        n = schedule.timesteps.shape[0]
-        init = (x, sched.init_state(schedule, x.shape, x.dtype))
-        _, outs = jax.lax.scan(body, init, (jnp.arange(n), eps_seq, noise_seq))
-        return outs
-
-    return loop
-
-
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_scan_compiles_once_and_matches(name, monkeypatch):
-    """One compilation serves two schedules of the same length (other spacing, other eta); the traced
-    trajectory still matches diffusers."""
-    sched = SCHEDULERS[name].from_config(SD_CONFIG)
-    counter = {"traces": 0}
-    loop = _scan_loop(sched, counter)
-    n = 10
-    for spacing, eta in (("leading", 0.0), ("trailing", 0.8)):
-        config = {**SD_CONFIG, "timestep_spacing": spacing}
-        _, schedule, ref = _check_schedule(name, config, n)
-        steps = len(ref.timesteps)
-        eps = np.stack([_normal(1000 + i) for i in range(steps)])
-        noise = np.stack([_normal(5000 + i) for i in range(steps)])
-        x0 = _normal(0) * np.float32(ref.init_noise_sigma)
-        x_in, xs = loop(schedule, _nhwc(x0), _nhwc_seq(eps), _nhwc_seq(noise), eta)
-        x_ref = torch.from_numpy(x0)
-        for i, t in enumerate(ref.timesteps):
-            assert _rel(x_in[i], ref.scale_model_input(x_ref, t)) <= TOL
-            kwargs = (
-                {"eta": eta, "variance_noise": torch.from_numpy(noise[i])} if name == "DDIMScheduler" else {}
-            )
-            monkeypatch.setattr(ea_module, "randn_tensor", lambda *a, _z=noise[i], **k: torch.from_numpy(_z))
-            x_ref = ref.step(torch.from_numpy(eps[i]), t, x_ref, **kwargs).prev_sample
-            assert _rel(xs[i], x_ref) <= TOL, (spacing, i)
-    assert counter["traces"] == 1
-
-
-def _nhwc_seq(a: np.ndarray) -> jax.Array:
-    return jnp.asarray(a.transpose(0, 1, 3, 4, 2))
-
-
-@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerAncestralDiscreteScheduler"])
-def test_noise_from_key(name):
-    sched = SCHEDULERS[name].from_config(SD_CONFIG)
-    schedule = sched.set_timesteps(5)
-    x, eps = jnp.ones((1, 8, 8, 4)), jnp.full((1, 8, 8, 4), 0.1)
-
-    @jax.jit
-    def step(key, eta):
-        return sched.step(
-            schedule, sched.init_state(schedule, x.shape, x.dtype), eps, 2, x, eta=eta, key=key
-        )[0]
-
-    a, b = step(jax.random.key(0), 0.5), step(jax.random.key(1), 0.5)
-    assert np.isfinite(np.asarray(a)).all() and not np.allclose(a, b)
-    np.testing.assert_array_equal(a, step(jax.random.key(0), 0.5))
-    with pytest.raises(ValueError, match="key"):
-        sched.step(schedule, (), eps, 2, x, eta=0.5)
-    with pytest.raises(ValueError, match="shape"):
-        sched.step(schedule, (), eps, 2, x, eta=0.5, noise=jnp.zeros((1, 4, 8, 8)))
-
-
-def test_ddim_eta_zero_needs_no_noise():
-    sched = DDIMScheduler.from_config(SD_CONFIG)
-    schedule = sched.set_timesteps(5)
-    x = jnp.ones((1, 8, 8, 4))
-    out, _ = sched.step(schedule, (), 0.1 * x, 0, x)
-    assert np.isfinite(np.asarray(out)).all()
-
-
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_bf16_sample_keeps_dtype_and_fp32_math(name):
-    sched = SCHEDULERS[name].from_config(SD_CONFIG)
-    schedule = sched.set_timesteps(4)
-    x32 = _nhwc(_normal(0) * 3)
-    eps = _nhwc(_normal(1))
-    z = _nhwc(_normal(2))
-    outs = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        x = x32.astype(dtype)
-        state = sched.init_state(schedule, x.shape, dtype)
-        for i in range(len(schedule.timesteps)):
-            x_in = sched.scale_model_input(schedule, x, i)
-            assert x_in.dtype == dtype
-            x, state = sched.step(schedule, state, eps.astype(dtype), i, x, noise=z)
-            assert x.dtype == dtype
-        outs[dtype] = np.asarray(x, np.float32)
-    scale = np.abs(outs[jnp.float32]).max()
-    assert np.abs(outs[jnp.bfloat16] - outs[jnp.float32]).max() <= 0.05 * scale
-
-
-# ---- configs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_every_diffusers_key_is_handled_and_defaults_agree(name):
-    ref_cls, ours = getattr(diffusers, name), SCHEDULERS[name]
-    params = set(inspect.signature(ref_cls.__init__).parameters) - {"self"}
-    fields = {f.name for f in dataclasses.fields(ours)}
-    assert params == fields | set(ours._FIXED) | ours._IGNORED
-    ref_defaults = ref_cls().config
-    for key in fields:
-        default = getattr(ours(), key)
-        assert default == ref_defaults[key] or (default is False and ref_defaults[key] is None), key
-    for key, allowed in ours._FIXED.items():
-        assert any(ref_defaults[key] is a or ref_defaults[key] == a for a in allowed), key
-
-
-@pytest.mark.parametrize(
-    "name,key,value",
-    [
-        ("DDIMScheduler", "beta_schedule", "cosine"),
-        ("DDIMScheduler", "prediction_type", "flow_prediction"),
-        ("DDIMScheduler", "timestep_spacing", "uniform"),
-        ("DDIMScheduler", "thresholding", True),
-        ("DDIMScheduler", "rescale_betas_zero_snr", True),
-        ("DDIMScheduler", "clip_sample", "yes"),
-        ("DDIMScheduler", "num_train_timesteps", 0),
-        ("DDIMScheduler", "steps_offset", 1.5),
-        ("PNDMScheduler", "prediction_type", "sample"),
-        ("PNDMScheduler", "skip_prk_steps", "yes"),
-        ("LMSDiscreteScheduler", "use_exponential_sigmas", True),
-        ("EulerDiscreteScheduler", "interpolation_type", "log_linear"),
-        ("EulerDiscreteScheduler", "use_beta_sigmas", True),
-        ("EulerDiscreteScheduler", "final_sigmas_type", "one"),
-        ("EulerDiscreteScheduler", "sigma_min", -1.0),
-        ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
-        ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
-        ("DPMSolverMultistepScheduler", "solver_order", 4),
-        ("DPMSolverMultistepScheduler", "solver_type", "bh2"),
-        ("DPMSolverMultistepScheduler", "use_lu_lambdas", True),
-        ("DPMSolverMultistepScheduler", "variance_type", "learned_range"),
-        ("DPMSolverMultistepScheduler", "trained_betas", [0.1, 0.2]),
-    ],
-)
-def test_bad_config_value_names_the_key(name, key, value):
-    with pytest.raises(ValueError, match=key):
-        scheduler_from_config({**SD_CONFIG, "_class_name": name, key: value})
-
-
-def test_unknown_class_and_unknown_keys():
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler.*supported.*DDIMScheduler"):
-        scheduler_from_config({**SD_CONFIG, "_class_name": "UniPCMultistepScheduler"})
-    with pytest.raises(ValueError, match="_class_name"):
-        scheduler_from_config({"beta_schedule": "linear"})
-    with pytest.warns(UserWarning, match="made_up_key"):
-        DDIMScheduler.from_config({**SD_CONFIG, "made_up_key": 1})
-    # Keys that belong to other schedulers are ignored silently, as diffusers does when swapping.
-    sched = EulerDiscreteScheduler.from_config({**SD_CONFIG, "solver_order": 2, "final_sigmas_type": "zero"})
-    assert sched.steps_offset == 1 and sched.beta_schedule == "scaled_linear"
-
-
-def test_sd_config_and_hashable():
-    sched = scheduler_from_config(SD_CONFIG)
-    assert isinstance(sched, PNDMScheduler) and sched.skip_prk_steps and sched.steps_offset == 1
-    assert hash(sched) == hash(PNDMScheduler.from_config(SD_CONFIG)) and sched == scheduler_from_config(
-        SD_CONFIG
-    )
-    assert scheduler_from_config(sched.config) == sched
-    trained = DDIMScheduler.from_config({**SD_CONFIG, "trained_betas": [0.01] * 1000})
-    assert isinstance(hash(trained), int)
-
-
-def test_load_scheduler(tmp_path):
-    ref = diffusers.DPMSolverMultistepScheduler.from_config({**SD_CONFIG, "use_karras_sigmas": True})
-    ref.save_config(tmp_path / "scheduler")  # includes lambda_min_clipped=-Infinity, variance_type=null, ...
-    for where in (tmp_path / "scheduler", tmp_path, tmp_path / "scheduler" / "scheduler_config.json"):
-        sched = load_scheduler(where)
-        assert isinstance(sched, DPMSolverMultistepScheduler) and sched.use_karras_sigmas
-        assert sched.lambda_min_clipped == -math.inf
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-        load_scheduler(tmp_path / "missing")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "scheduler_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"bad/scheduler_config\.json"):
-        load_scheduler(bad)
-    (bad / "scheduler_config.json").write_text(json.dumps([1, 2]))
-    with pytest.raises(ValueError, match="JSON object"):
-        load_scheduler(bad)
-
-
-@pytest.mark.parametrize(
-    "name,cls,karras",
-    [
-        ("euler", EulerDiscreteScheduler, False),
-        ("EulerDiscreteScheduler", EulerDiscreteScheduler, False),
-        ("euler_karras", EulerDiscreteScheduler, True),
-        ("Euler A", EulerAncestralDiscreteScheduler, None),
-        ("ddim", DDIMScheduler, None),
-        ("lms", LMSDiscreteScheduler, False),
-        ("dpm++2m-karras", DPMSolverMultistepScheduler, True),
-        ("DPMSolverMultistepScheduler", DPMSolverMultistepScheduler, False),
-        ("dpmsolvermultistepscheduler", DPMSolverMultistepScheduler, False),
-    ],
-)
-def test_scheduler_from_name(name, cls, karras):
-    sched = scheduler_from_name(name, SD_CONFIG)
-    assert type(sched) is cls and sched.beta_schedule == "scaled_linear" and sched.steps_offset == 1
-    if karras is not None:
-        assert sched.use_karras_sigmas is karras
-    # As diffusers' XScheduler.from_config(pipe.scheduler.config): same config, same schedule.
-    ref = getattr(diffusers, cls.__name__).from_config({**SD_CONFIG, **sched.config})
-    with _CorrectlyRoundedSqrt():
-        ref.set_timesteps(7)
-    np.testing.assert_array_equal(np.asarray(sched.set_timesteps(7).timesteps), ref.timesteps.numpy())
-
-
-@pytest.mark.parametrize("name", ["euler", "euler-a", "lms", "dpm++2m-karras", "DDIMScheduler", "pndm"])
-def test_swapping_a_loaded_sd15_scheduler_takes_the_new_classes_defaults_like_diffusers(name):
-    """`pipe.set_scheduler(name)` on SD 1.5's loaded scheduler, as diffusers'
-    `XScheduler.from_config(pipe.scheduler.config)`: keys SD 1.5's file does not give (timestep_spacing:
-    "leading" for PNDM/DDIM, "linspace" for the others) take the new class's defaults, not PNDM's."""
-    loaded = scheduler_from_config(SD_CONFIG)
-    swapped = scheduler_from_name(name, loaded.config)
-    _, overrides = dict(SCHEDULER_ALIASES).get(name, (None, {}))
-    ref_loaded = diffusers.PNDMScheduler.from_config(SD_CONFIG)
-    ref = getattr(diffusers, type(swapped).__name__).from_config(ref_loaded.config, **overrides)
-    assert swapped.timestep_spacing == ref.config.timestep_spacing
-    with _CorrectlyRoundedSqrt():
-        ref.set_timesteps(7)
-    np.testing.assert_array_equal(np.asarray(swapped.set_timesteps(7).timesteps), ref.timesteps.numpy())
-    # A key the file did give is kept whatever the new class's default.
-    explicit = scheduler_from_config({**SD_CONFIG, "timestep_spacing": "trailing"})
-    assert scheduler_from_name(name, explicit.config).timestep_spacing == "trailing"
-
-
-def test_scheduler_from_name_keeps_class_name_settings_and_rejects_unknown():
-    dpm3 = {**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
-    assert scheduler_from_name("DPMSolverMultistepScheduler", dpm3).solver_order == 3
-    assert scheduler_from_name("dpm++2m", dpm3).solver_order == 2
-    with pytest.raises(ValueError, match="unknown scheduler 'heun'.*euler"):
-        scheduler_from_name("heun", SD_CONFIG)
-
-
-def test_torch_linspace_emulation():
-    for start, end, n in [(1e-4, 0.02, 1000), (0.00085**0.5, 0.012**0.5, 1000), (0.1, 0.3, 7), (0.5, 0.5, 1)]:
-        expected = torch.linspace(start, end, n, dtype=torch.float32).numpy()
-        np.testing.assert_array_equal(base.torch_linspace_f32(start, end, n), expected)
-
-
-def test_lms_coefficients_match_quadrature():
-    scipy_integrate = pytest.importorskip("scipy.integrate")
-    sigmas = np.array([14.6, 7.1, 3.2, 1.4, 0.6, 0.2, 0.0])
-    coeffs = lms_coefficients(sigmas)
-    for t in range(len(sigmas) - 1):
-        order = min(t + 1, 4)
-        for j in range(order):
-
-            def basis(tau, t=t, j=j, order=order):
-                return np.prod(
-                    [(tau - sigmas[t - k]) / (sigmas[t - j] - sigmas[t - k]) for k in range(order) if k != j]
-                )
-
-            expected = scipy_integrate.quad(basis, sigmas[t], sigmas[t + 1], epsrel=1e-12)[0]
-            assert coeffs[t, j] == pytest.approx(expected, rel=1e-12, abs=1e-12)
-        assert (coeffs[t, order:] == 0).all()

@@ -91,8 +91,8 @@ def _ddim_schedule(scheduler: DDIMScheduler, full: int, n: int) -> EditSchedule:
 
 
 def _sde_dpm_schedule(scheduler: DPMSolverMultistepScheduler, full: int, n: int) -> EditSchedule:
-    timesteps, sigmas = scheduler._timesteps_and_sigmas(full)
-    orders = scheduler._orders(len(timesteps))
+    timesteps, sigmas = scheduler.timesteps_and_sigmas(full)
+    orders = scheduler.solver_orders(len(timesteps))
     start = len(timesteps) - n
     one = np.float32(1.0)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

@@ -86,7 +86,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                 f"{name}: config value lambda_min_clipped={self.lambda_min_clipped!r} must be a number"
             )
 
-    def _timesteps_and_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def timesteps_and_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         ac = alphas_cumprod(self)
         lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1.0) - ac))
         clipped_idx = np.searchsorted(lambda_t[::-1], self.lambda_min_clipped)
@@ -115,7 +115,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         )
         return timesteps.astype(np.int64), np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
 
-    def _orders(self, n: int) -> np.ndarray:
+    def solver_orders(self, n: int) -> np.ndarray:
         orders = []
         for i in range(n):
             final = i == n - 1 and (
@@ -132,9 +132,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
     def set_timesteps(self, num_inference_steps: int) -> DPMSolverSchedule:
         self.check_num_steps(num_inference_steps)
-        timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps)
+        timesteps, sigmas = self.timesteps_and_sigmas(num_inference_steps)
         n = len(timesteps)
-        order = self._orders(n)
+        order = self.solver_orders(n)
         one = np.float32(1.0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             alpha = one / np.sqrt(sigmas * sigmas + one)

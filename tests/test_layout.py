@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sega_jax"
 MAX_LINES = 400
+NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}  # public despite the underscore
 
 
 def sources() -> list[Path]:
@@ -117,10 +118,21 @@ def private_reach_ins(path: Path) -> list[str]:
                       if a.name.startswith("_") and not a.name.startswith("__")]
     modules = imported_modules(tree)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        private = isinstance(node, ast.Attribute) and node.attr.startswith("_")
+        if not private or node.attr.startswith("__"):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in modules:
             found.append(f"{path.name}:{node.lineno} uses {modules[node.value.id]}.{node.attr}")
+        elif node.attr not in NAMEDTUPLE_API and root_name(node.value) not in ("self", "cls"):
+            found.append(f"{path.name}:{node.lineno} reaches into {ast.unparse(node)}")
     return found
+
+
+def root_name(node: ast.expr) -> str | None:
+    """The name an attribute chain or call starts from: `self` for `self.a.b` or `cls(...).c`."""
+    while isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: module_name(p))
@@ -128,11 +140,11 @@ def test_no_module_uses_another_modules_private_names(path):
     assert private_reach_ins(path) == []
 
 
-def test_the_private_name_check_sees_both_forms(tmp_path):
+def test_the_private_name_check_sees_each_form(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from sega_jax.pipelines import inputs\nfrom sega_jax.settings import _x\n"
-                     "inputs._number\n")
-    assert len(private_reach_ins(probe)) == 2
+                     "inputs._number\npipe._unet\nself._unet\njob._replace(seed=1)\n")
+    assert len(private_reach_ins(probe)) == 3
 
 
 def function_local_sega_imports(path: Path) -> list[str]:

@@ -78,9 +78,9 @@ def test_diffusers_files_give_diffusers_text_embeddings(folder, files):
     assert mine.tokenizer.get_added_vocab() == ref.tokenizer.get_added_vocab()
     text = "a <cat-toy> in <style> colours"
     expected = theirs_embeds(ref, text)  # diffusers expands <style> to "<style> <style>_1 <style>_2"
-    got = np.asarray(mine._encode([text]))
+    got = np.asarray(mine.text_embeddings([text]))
     assert max_rel_diff(got, expected) <= 1e-5
-    plain = np.asarray(mine._encode(["a cat-toy in style colours"]))
+    plain = np.asarray(mine.text_embeddings(["a cat-toy in style colours"]))
     assert max_rel_diff(plain, expected) > 1e-2  # the tokens changed the embedding: a real check
 
 
@@ -124,7 +124,7 @@ def test_learn_trains_only_the_new_row_and_what_it_saves_loads_in_diffusers(fold
     ref = diffusers_sd(folder)
     ref.load_textual_inversion(path)
     text = "a <thing> on a table"
-    assert max_rel_diff(np.asarray(pipe._encode([text])), theirs_embeds(ref, text)) <= 1e-5
+    assert max_rel_diff(np.asarray(pipe.text_embeddings([text])), theirs_embeds(ref, text)) <= 1e-5
     again = concepts.learn(ours(folder), images, "<thing>", "cat", steps=40, learning_rate=5e-2,
                            batch_size=2, seed=0)
     np.testing.assert_array_equal(again.embeddings, result.embeddings)  # deterministic in seed
@@ -136,8 +136,8 @@ def test_a1111_formats_and_the_token_argument(folder, files):
         pipe.load_textual_inversion(files / "a1111.pt")
     assert pipe.load_textual_inversion(files / "a1111.pt", allow_pickle=True) == ["a1111"]
     assert pipe.load_textual_inversion(files / "a1111.safetensors", token="<same>") == ["<same>"]
-    a = np.asarray(pipe._encode(["a1111 photo"]))
-    b = np.asarray(pipe._encode(["<same> photo"]))
+    a = np.asarray(pipe.text_embeddings(["a1111 photo"]))
+    b = np.asarray(pipe.text_embeddings(["<same> photo"]))
     np.testing.assert_array_equal(a, b)  # the same two vectors under two names
     with pytest.raises(ConceptError, match="names no token"):
         pipe.load_textual_inversion(files / "a1111.safetensors")
@@ -185,8 +185,8 @@ def test_sdxl_tokens_in_both_encoders_give_diffusers_sdxl_embeddings(tmp_path):
     with torch.no_grad():
         embeds, _, pooled, _ = ref.encode_prompt(text, device="cpu", num_images_per_prompt=1,
                                                  do_classifier_free_guidance=False)
-    got = mine._encode_xl([text], [text])
+    got = mine.conditioning.encode([text], [text])
     assert max_rel_diff(np.asarray(got["context"]), embeds.numpy()) <= 1e-5
     assert max_rel_diff(np.asarray(got["text_embeds"]), pooled.numpy()) <= 1e-5
-    plain = mine._encode_xl(["a tok on a table"], ["a tok on a table"])
+    plain = mine.conditioning.encode(["a tok on a table"], ["a tok on a table"])
     assert max_rel_diff(np.asarray(plain["context"]), embeds.numpy()) > 1e-2

@@ -18,8 +18,8 @@ from sega_jax import SemanticStableDiffusionPipeline
 from sega_jax.cli import generate as cli
 from sega_jax.core.sampler import SampleOutput
 from sega_jax.pipelines import inputs
-from sega_jax.pipelines.base import TRACE_COUNT
 from sega_jax.pipelines.inputs import IneffectiveEditWarning
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.sweep import command as sweep
 from tests.tiny_pipeline import save_reference
 
@@ -90,7 +90,8 @@ NON_FINITE = [
 @pytest.mark.parametrize("bad,match", NON_FINITE, ids=[re.sub(r"\W", "", m)[:30] for _, m in NON_FINITE])
 def test_non_finite_input_is_refused_before_any_compilation(pipe, monkeypatch, bad, match):
     # Not even the text encoder runs: the check comes first in `prepare`.
-    monkeypatch.setattr(pipe, "_encode", lambda *a, **k: pytest.fail("encoded text before the checks"))
+    monkeypatch.setattr(pipe.conditioning, "encode",
+                        lambda *a, **k: pytest.fail("encoded text before the checks"))
     before = TRACE_COUNT["denoise"]
     with pytest.raises(ValueError, match=match):
         pipe(**{**GOOD, **bad})

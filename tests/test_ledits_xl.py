@@ -125,7 +125,7 @@ def test_precomputed_concepts_equal_the_prompts(case):
     """`editing_prompt_embeddings` + `editing_pooled_prompt_embeds` (which crash in the reference: its
     `encode_prompt` never assigns them) equal the tokenised concepts with the same token span."""
     pipe = case["pipe"]
-    concepts = pipe._encode_xl(["a cat"], ["a cat"])
+    concepts = pipe.conditioning.encode(["a cat"], ["a cat"])
     own = pipe(output_type="latent", editing_prompt=["a cat"]).images
     embedded = pipe(output_type="latent", editing_prompt_embeddings=np.asarray(concepts["context"]),
                     editing_pooled_prompt_embeds=np.asarray(concepts["text_embeds"])).images

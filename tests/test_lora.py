@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from sega_jax import load_pipeline
 from sega_jax.cli import generate as cli
 from sega_jax.loaders.lora import LoraError
-from sega_jax.pipelines.base import TRACE_COUNT
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.testing.reference import save_reference, save_reference_xl
 from tests.helpers import max_rel_diff
 

@@ -53,7 +53,7 @@ def test_ddim_inversion_matches_diffusers_inverse_scheduler(pipes):
     inverse = diffusers.DDIMInverseScheduler.from_config(reference.scheduler.config, clip_sample=False)
     inverse.set_timesteps(STEPS)
     np.testing.assert_array_equal(inverse.timesteps.numpy(), inv.timesteps[::-1])
-    cond = pipe._encode([PROMPT])
+    cond = pipe.text_embeddings([PROMPT])
     unet = pipe.unet
     x = torch.from_numpy(inv.image_latents.copy())
     for k, t in enumerate(inverse.timesteps):

@@ -17,7 +17,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from sega_jax import SemanticStableDiffusionPipeline
 from sega_jax.core.sampler import step_noise
-from sega_jax.pipelines.base import TRACE_COUNT
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.schedulers import scheduler_from_config
 from tests.helpers import max_rel_diff
 from tests.tiny_pipeline import save_reference

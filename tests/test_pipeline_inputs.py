@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sega_jax import SemanticStableDiffusionPipeline
-from sega_jax.pipelines.base import TRACE_COUNT
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from tests.tiny_pipeline import save_reference
 
 CONCEPTS = ["smiling", "glasses"]

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
 from sega_jax import SemanticStableDiffusionPipeline, SemanticStableDiffusionXLPipeline, load_pipeline
-from sega_jax.pipelines.base import TRACE_COUNT
+from sega_jax.pipelines.sega.sd import TRACE_COUNT
 from sega_jax.schedulers import scheduler_from_config
 from sega_jax.testing.reference import save_reference_xl, sega_xl_reference
 from tests.helpers import max_rel_diff

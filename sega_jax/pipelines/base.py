@@ -1,17 +1,19 @@
-"""What every pipeline family shares: the job, the output, the compiled programs, the family-free steps.
+"""What every pipeline shares: the SEGA job and the output, the VAE programs, the family-free steps.
 
-- `DenoiseJob` (one prepared call) and `SemanticStableDiffusionPipelineOutput` (diffusers' output);
-- the compiled programs: the SEGA loop (`TRACE_COUNT` counts its traces), `encode_text` (a CLIP text
-  encoder), `encode_image` / `decode` (the VAE), and `denoiser` (a UNet as the sampler's eps function);
-- `PipelineBase`, the steps of a call that do not depend on the family: `run` (progress bar, callback),
-  `denoise`, noise drawing, `finish` (decode, safety checker, output), schedulers, LoRA and textual
-  inversion, and public accessors for the split models. A family's class (`sega.sd`, `sega.sdxl`,
-  `ledits_pp`) adds its own `__init__`, `prepare` and text conditioning.
+- `DenoiseJob` (one prepared SEGA call: the SEGA pipelines, `parallel` and `gradients` take it) and
+  `SemanticStableDiffusionPipelineOutput` (diffusers' output, also LEDITS++'s);
+- the compiled VAE programs `encode_image` / `decode`, and `denoiser` (a UNet as the sampler's eps function);
+- `PipelineBase`, what every pipeline (SEGA and LEDITS++, every family) does the same way: its components
+  (UNet, VAE, scheduler, safety checker and feature extractor, and the family's text conditioning from
+  `pipelines.conditioning`, whose parts it shows as diffusers' attributes), noise drawing, the progress
+  bar, `finish` (decode, safety checker, output), schedulers, LoRA and textual inversion. The SEGA loop
+  (`prepare`, `run`, `denoise`) is `sega.sd`'s; the inversion and edit programs are `ledits_pp.sd`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 from typing import Any, NamedTuple
 
@@ -19,19 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from sega_jax.core.guidance import EditParams
-from sega_jax.core.sampler import SampleOutput, sega_sample
+from sega_jax.core.sampler import SampleOutput
 from sega_jax.loaders import lora
 from sega_jax.loaders.concepts import load_textual_inversion
+from sega_jax.models.image_processing import to_pil
 from sega_jax.models.safety_checker import run_safety_checker as check_safety
 from sega_jax.pipelines import inputs
-from sega_jax.runtime import traces, xla_options
+from sega_jax.pipelines.conditioning import delegated
+from sega_jax.runtime import xla_options
+from sega_jax.runtime.cache import enable_compilation_cache
 from sega_jax.schedulers import scheduler_from_name
-
-TRACE_COUNT = traces.counter("sega", "denoise")  # traces (= compilations) of the denoising loop
-_HOST_HOOKS: list = []  # the running call's per-step host hook; a fixed function keeps the jit cache hot
 
 
 @dataclasses.dataclass
@@ -74,64 +75,10 @@ class DenoiseJob(NamedTuple):
         return int(self.schedule.timesteps.shape[0])
 
 
-def _host_step(i, t, *latents) -> None:
-    if _HOST_HOOKS:
-        _HOST_HOOKS[-1](int(i), t, *latents)
-
-
-@xla_options.jit(
-    static_argnames=("graph", "scheduler", "num_concepts", "do_cfg", "record", "host", "emit_latents"),
-)
-def _denoise(
-    graph,
-    state,
-    scheduler,
-    schedule,
-    noise,
-    context,
-    params,
-    image_keys,
-    eta,
-    replay,
-    *,
-    num_concepts,
-    do_cfg,
-    record,
-    host,
-    emit_latents,
-    step_uncond=None,
-):
-    TRACE_COUNT["denoise"] += 1
-    return sega_sample(
-        denoiser(nnx.merge(graph, state)),
-        scheduler,
-        schedule,
-        noise,
-        context,
-        params,
-        num_concepts=num_concepts,
-        do_cfg=do_cfg,
-        image_keys=image_keys,
-        eta=eta,
-        replay=replay,
-        record_estimates=record,
-        on_step=_host_step if host else None,
-        emit_latents=emit_latents,
-        shared_latents=True,
-        step_uncond=step_uncond,
-    )
-
-
 def denoiser(unet):
     """The sampler's `eps(latents, t, context)` for a UNet: a dict context carries the UNet's keyword
     conditioning beside the hidden states (SDXL: {"context", "text_embeds", "time_ids"})."""
     return lambda x, t, c: unet(x, t, **c) if isinstance(c, dict) else unet(x, t, c)
-
-
-@xla_options.jit(static_argnames=("graph",))
-def encode_text(graph, state, ids):
-    """A CLIP text encoder's hidden states for token ids (B, L)."""
-    return nnx.merge(graph, state)(ids)
 
 
 @xla_options.jit(static_argnames=("graph",))
@@ -153,11 +100,36 @@ def decode(graph, state, latents, scaling_factor, upcast=False):
 
 
 class PipelineBase:
-    """The family-independent steps of a pipeline call; a family's `__init__` sets the components and
-    their splits (`_unet`, `_vae`, `_text`, `_checker`), `vae_scale_factor` and `_progress`."""
+    """The components and the family-independent steps of a pipeline call. `conditioning` is the family's
+    text conditioning (`SDConditioning`, `SDXLConditioning`); `text_encoder` and `tokenizer` are its."""
 
     # diffusers' SD pipelines decode fp16 latents with the fp16 VAE; its SDXL ones honour `force_upcast`.
     honours_force_upcast = False
+
+    text_encoder = delegated("text_encoder")
+    tokenizer = delegated("tokenizer")
+    _text = delegated("split", "The text encoder as `nnx.split` gives it.", settable=False)
+
+    def __init__(self, unet, vae, conditioning, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = True):
+        enable_compilation_cache()  # the persistent XLA cache, unless SEGA_JAX_CACHE_DIR=off
+        self.unet, self.vae, self.conditioning, self.scheduler = unet, vae, conditioning, scheduler
+        self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
+        self._unet = nnx.split(unet)
+        self._vae = nnx.split(vae)
+        self._checker = None if safety_checker is None else nnx.split(safety_checker)
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                "a `safety_checker` needs its `feature_extractor` (the CLIP image preprocessing)"
+            )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._progress = {}
+        if safety_checker is None and requires_safety_checker:
+            logging.getLogger(type(self).__module__).warning(  # the pipeline's module, as in diffusers
+                "You have disabled the safety checker for %s by passing `safety_checker=None`. "
+                "Pass `requires_safety_checker=False` to silence this warning.",
+                type(self).__name__,
+            )
 
     @property
     def unet_parts(self) -> tuple:
@@ -177,43 +149,6 @@ class PipelineBase:
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress = kwargs
-
-    def run(self, job: DenoiseJob, callback=None, callback_steps: int = 1, output_type: str = "pil",
-            return_dict: bool = True, run_safety_checker: bool = True):
-        """Denoise a prepared job (with the progress bar and `callback`) and finish it, as `__call__`."""
-        hook = self._hook(job.steps, callback, callback_steps, job.schedule)
-        _HOST_HOOKS.append(hook)
-        try:
-            # With no callback and no progress bar, the loop makes no host call at all.
-            host = callback is not None or not self._progress.get("disable", False)
-            out = self.denoise(job, host=host, emit_latents=callback is not None)
-            jax.block_until_ready(out.latents)
-            jax.effects_barrier()
-        finally:
-            _HOST_HOOKS.pop()
-            hook.close()
-        return self.finish(out, output_type, return_dict, job.seed, run_safety_checker=run_safety_checker)
-
-    def denoise(self, job: DenoiseJob, *, host: bool = False, emit_latents: bool = False) -> SampleOutput:
-        """Run the compiled SEGA loop for a prepared job (latents in NHWC)."""
-        return _denoise(
-            self._unet[0],
-            self._unet[1],
-            job.scheduler or self.scheduler,
-            job.schedule,
-            job.noise,
-            job.context,
-            job.params,
-            job.image_keys,
-            job.eta,
-            job.replay,
-            num_concepts=job.num_concepts,
-            do_cfg=job.do_cfg,
-            record=job.record,
-            host=host,
-            emit_latents=emit_latents,
-            step_uncond=job.step_uncond,
-        )
 
     # -- LoRA (sega_jax.loaders.lora): adapters are merged into the weights on the host whenever they change
 
@@ -269,9 +204,7 @@ class PipelineBase:
 
     def _refresh_text_encoders(self) -> None:
         """Re-split the text encoders after their parameters changed (LoRA, new token rows)."""
-        self._text = nnx.split(self.text_encoder)
-        if getattr(self, "text_encoder_2", None) is not None:
-            self._text_2 = nnx.split(self.text_encoder_2)
+        self.conditioning.refresh()
 
     # -- noise, progress, decoding and output ------------------------------------------------------------
 
@@ -346,7 +279,7 @@ class PipelineBase:
         if output_type != "latent":
             images, nsfw = self.check_safety(images, run_safety_checker)
         if output_type == "pil":
-            images = [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]
+            images = to_pil(images)
         if not return_dict:
             return images, nsfw
         estimates = out.estimates or (None, None, None)

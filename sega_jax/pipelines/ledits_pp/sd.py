@@ -1,22 +1,25 @@
-"""LEditsPPPipelineStableDiffusion: LEDITS++ (invert a photo, then edit it with semantic concepts) on SD.
+"""LEDITS++ (invert a photo, then edit it with semantic concepts): `LEditsPPPipeline`, the LEDITS++
+pipeline of any family, and `LEditsPPPipelineStableDiffusion` (SD 1.x/2.x).
 
 diffusers' `LEditsPPPipelineStableDiffusion` with its arguments and defaults: `invert` encodes the photo
 with the VAE (the posterior's mode) and runs the edit-friendly DDPM inversion (`sega_jax.core.inversion`);
 `__call__` replays the scheduler from the inverted latents with the stored noise maps while the LEDITS++
 guidance (`sega_jax.core.guidance_ledits`) steers it. Each is one compiled program; edit settings are traced.
-Text encoding, seeds, decoding and outputs are the core's (`sega_jax.pipelines.sega.sd`).
+`LEditsPPPipeline` holds the steps every family shares (the argument checks, the programs, the noise
+maps); a family's class (here, and `ledits_pp.sdxl`) adds its arguments and builds its copies with its
+`conditioning` component (`sega_jax.pipelines.conditioning`). Noise, decoding and outputs are
+`PipelineBase`'s.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from sega_jax.core.guidance_ledits import LEditsParams, concept_attention, ledits_step
 from sega_jax.core.inversion import (
@@ -28,33 +31,17 @@ from sega_jax.core.inversion import (
     ledits_scheduler,
 )
 from sega_jax.core.sampler import SampleOutput
-from sega_jax.loaders.folders import resolve_folder
-from sega_jax.models.tokenizer import expand_prompt, tokenize
+from sega_jax.loaders.folders import load_components, resolve_folder
+from sega_jax.models.image_processing import to_pil
+from sega_jax.models.tokenizer import expand_prompt
 from sega_jax.pipelines import inputs
-from sega_jax.pipelines.base import decode
+from sega_jax.pipelines.base import PipelineBase, decode, encode_image
+from sega_jax.pipelines.conditioning import SDConditioning
 from sega_jax.pipelines.ledits_pp.inputs import preprocess_images, user_mask_array
-from sega_jax.pipelines.sega.sd import SemanticStableDiffusionPipeline
 from sega_jax.runtime import traces, xla_options
 from sega_jax.schedulers import scheduler_from_config
 
-logger = logging.getLogger(__name__)
-
 TRACE_COUNT = traces.counter("ledits_pp", "invert", "edit")  # traces (= compilations) of each program
-
-
-@xla_options.jit(static_argnames=("graph",))
-def _encode_image(graph, state, images, scaling_factor):
-    mean, _ = nnx.merge(graph, state).encode(images.astype(state_dtype(state)))
-    return scaling_factor * mean.astype(jnp.float32)
-
-
-def state_dtype(state):
-    return jax.tree.leaves(state)[0].dtype
-
-
-@xla_options.jit(static_argnames=("graph", "clip_skip"))
-def _encode_text(graph, state, ids, clip_skip=None):
-    return nnx.merge(graph, state)(ids, clip_skip=clip_skip)
 
 
 @xla_options.jit(static_argnames=("graph", "copies"))
@@ -142,37 +129,25 @@ def _layers_and_heads(maps: dict) -> jax.Array:
     return jnp.concatenate([jnp.swapaxes(m, 0, 1) for m in layers])
 
 
-class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
-    """LEDITS++ on SD 1.x/2.x: `invert(image, ...)` once, then `__call__(editing_prompt=[...], ...)`."""
+class LEditsPPPipeline(PipelineBase):
+    """LEDITS++ on the family's `conditioning`: the inversion and edit steps every family shares."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None,
-                 feature_extractor=None, requires_safety_checker: bool = True):
-        super().__init__(unet, vae, text_encoder, tokenizer, ledits_scheduler(scheduler), safety_checker,
+    def __init__(self, unet, vae, conditioning, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = True):
+        super().__init__(unet, vae, conditioning, ledits_scheduler(scheduler), safety_checker,
                          feature_extractor, requires_safety_checker)
-        self.inversion: LEditsPPInversion | None = None
-
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id, **kwargs) -> LEditsPPPipelineStableDiffusion:
-        """As the core's; also loads folders saved by diffusers' LEDITS++ (scheduler `sde-dpmsolver++`)."""
-        return super().from_pretrained(path_or_hub_id, **ledits_scheduler_kwargs(path_or_hub_id, kwargs))
+        self.inversion: LEditsPPInversion | None = None  # the last `invert`'s: `__call__`'s default
 
     def set_scheduler(self, scheduler) -> None:
-        """As the core's; a scheduler other than DDIM becomes DPM-Solver++ 2M SDE (as in diffusers)."""
+        """As `PipelineBase`'s; a scheduler other than DDIM becomes DPM-Solver++ 2M SDE (as in diffusers)."""
         super().set_scheduler(scheduler)
         self.scheduler = ledits_scheduler(self.scheduler)
 
-    def _encode_prompts(self, texts: list[str], clip_skip: int | None = None) -> jax.Array:
-        ids = tokenize(self.tokenizer, texts, truncation=True)
-        return _encode_text(self._text[0], self._text[1], jnp.asarray(ids), clip_skip=clip_skip or None)
-
-    def invert(self, image, source_prompt: str = "", source_guidance_scale: float = 3.5,
-               num_inversion_steps: int = 30, skip: float = 0.15, generator=None, cross_attention_kwargs=None,
-               clip_skip: int | None = None, height: int | None = None, width: int | None = None,
-               resize_mode: str | None = "default", crops_coords=None, *, seed: int | None = None,
-               prng_key=None, noise=None) -> LEditsPPInversion:
-        """Invert photo(s) (PIL images, or float arrays (B, H, W, 3) in [0, 1]); keeps and returns the
-        inversion. `noise` (draws, B, 4, h, w): the inversion's draws in diffusers' order (draw k noises the
-        k-th least noisy timestep); without it they come from `seed` / `prng_key`."""
+    def _run_inversion(self, image, source_context: Callable, source_prompt, source_guidance_scale,
+                       num_inversion_steps, skip, generator, cross_attention_kwargs, clip_skip, height, width,
+                       resize_mode, crops_coords, seed, prng_key, noise) -> LEditsPPInversion:
+        """`invert`'s checks and work, with the family's `source_context(source_prompt, guidance_scale,
+        batch, clip_skip, latent_size)` -> (copies (copies, B, ...), number of copies)."""
         inputs.check_generator(generator)
         if cross_attention_kwargs:
             raise ValueError("`cross_attention_kwargs` (LoRA scales, custom processors) is not supported")
@@ -190,22 +165,20 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
                 raise ValueError("height and width must be a factor of 32.")
         images, resized = preprocess_images(image, height, width, resize_mode, crops_coords,
                                             self.vae_scale_factor)
-        x0 = _encode_image(self._vae[0], self._vae[1], jnp.asarray(images), self.vae.config.scaling_factor)
+        x0 = encode_image(self._vae[0], self._vae[1], jnp.asarray(images), self.vae.config.scaling_factor)
         batch, h, w, _ = x0.shape
         reconstruction = np.asarray(decode(self._vae[0], self._vae[1], x0, self.vae.config.scaling_factor))
         draws = self._inversion_noise(noise, seed, prng_key, steps, batch, h, w)
-        context, copies = self._source_context(source_prompt, guidance_scale, batch, clip_skip,
-                                               latent_size=(h, w))
+        context, copies = source_context(source_prompt, guidance_scale, batch, clip_skip, latent_size=(h, w))
         schedule = edit_schedule(self.scheduler, steps, skip)
         init, zs, xts = _invert(self._unet[0], self._unet[1], schedule, x0, draws[1], context,
                                 jnp.float32(guidance_scale), copies=copies)
         nchw = lambda a: np.moveaxis(np.asarray(a), -1, -3)
-        self.inversion = LEditsPPInversion(
+        return LEditsPPInversion(
             init_latents=nchw(init), zs=nchw(zs), xts=nchw(xts), timesteps=np.asarray(schedule.timesteps),
-            images=resized, vae_reconstruction_images=_to_pil(reconstruction), source_prompt=source_prompt,
+            images=resized, vae_reconstruction_images=to_pil(reconstruction), source_prompt=source_prompt,
             source_guidance_scale=guidance_scale, num_inversion_steps=steps, skip=skip, schedule=schedule,
             scheduler=self.scheduler, seed=draws[0])
-        return self.inversion
 
     def _inversion_noise(self, noise, seed, prng_key, steps: int, batch: int, h: int, w: int):
         """(seed, (N, B, h, w, 4) draws): the given `noise`, else per-image draws from the seed or key."""
@@ -218,18 +191,96 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
         draw = lambda key: jax.random.normal(key, (steps, h, w, 4), jnp.float32)
         return seed, jnp.swapaxes(jax.vmap(draw)(keys), 0, 1)
 
+    def _edit_inversion(self, inversion: LEditsPPInversion | None, output_type,
+                        **finite) -> LEditsPPInversion:
+        """The inversion an edit starts from (`inversion`, else the last `invert`'s), once `output_type` is
+        known and the numeric arguments in `finite` are finite (the checks both families' `__call__`
+        share)."""
+        if output_type not in inputs.OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
+        inversion = self.inversion if inversion is None else inversion
+        if inversion is None:
+            raise ValueError("You need to invert an input image first before calling the pipeline. The "
+                             "`invert` method has to be called beforehand, or pass `inversion=`.")
+        inputs.check_finite(**finite)
+        return inversion
+
+    def _edit_latents(self, inversion: LEditsPPInversion, context, k: int, params: LEditsParams, user_mask,
+                      sem_guidance, *, cross_attn: bool, intersect: bool, num_steps: int | None = None,
+                      intersect_every_step: bool = False) -> SampleOutput:
+        """The compiled edit from the inversion with `context` (copies [uncond, concept 0, ...]: an array
+        or SDXL's dict pytree); `num_steps`: only the first steps (diffusers' SDXL `denoising_end`)."""
+        batch, _, h, w = inversion.init_latents.shape
+        mask = user_mask_array(user_mask, (batch, 4, h, w))
+        steps = int(inversion.zs.shape[0]) if num_steps is None else num_steps
+        schedule = inversion.schedule
+        if steps != inversion.zs.shape[0]:
+            schedule = jax.tree.map(lambda a: a[:steps], schedule)
+        replay, replay_steps = self._ledits_replay(sem_guidance, steps, (batch, 4, h, w))
+        nhwc = lambda a, axis: jnp.asarray(np.moveaxis(a, axis, -1))
+        latents, applied = _edit(
+            self._unet[0], self._unet[1], schedule, nhwc(inversion.init_latents, 1),
+            nhwc(inversion.zs[:steps], 2), context, params, mask, replay, jnp.int32(replay_steps),
+            num_concepts=k, cross_attn=cross_attn, intersect=intersect,
+            intersect_every_step=intersect_every_step)
+        return SampleOutput(latents, applied, None)
+
+    def _ledits_replay(self, sem_guidance, steps: int, shape) -> tuple[jax.Array, int]:
+        """((N, B, h, w, 4) guidance to use instead of the concepts' at the first len(sem_guidance) steps,
+        that length)."""
+        replay = np.zeros((steps, *shape), np.float32)
+        if sem_guidance is None:
+            count = 0
+        else:
+            count = min(len(sem_guidance), steps)
+            for i, g in enumerate(list(sem_guidance)[:count]):
+                replay[i] = inputs.check_array(g, f"sem_guidance[{i}]", shape)
+        return jnp.asarray(np.moveaxis(replay, 2, -1)), count
+
+
+class LEditsPPPipelineStableDiffusion(LEditsPPPipeline):
+    """LEDITS++ on SD 1.x/2.x: `invert(image, ...)` once, then `__call__(editing_prompt=[...], ...)`."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker: bool = True):
+        super().__init__(unet, vae, SDConditioning(text_encoder, tokenizer), scheduler, safety_checker,
+                         feature_extractor, requires_safety_checker)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, **kwargs) -> LEditsPPPipelineStableDiffusion:
+        """As `SemanticStableDiffusionPipeline.from_pretrained` (`dtype`, `variant`, `allow_pickle`,
+        `requires_safety_checker`, components); also loads folders saved by diffusers' LEDITS++ (scheduler
+        `sde-dpmsolver++`)."""
+        kwargs = ledits_scheduler_kwargs(path_or_hub_id, kwargs)
+        required = kwargs.pop("requires_safety_checker", True)
+        return cls(**load_components(path_or_hub_id, **kwargs), requires_safety_checker=required)
+
+    def invert(self, image, source_prompt: str = "", source_guidance_scale: float = 3.5,
+               num_inversion_steps: int = 30, skip: float = 0.15, generator=None, cross_attention_kwargs=None,
+               clip_skip: int | None = None, height: int | None = None, width: int | None = None,
+               resize_mode: str | None = "default", crops_coords=None, *, seed: int | None = None,
+               prng_key=None, noise=None) -> LEditsPPInversion:
+        """Invert photo(s) (PIL images, or float arrays (B, H, W, 3) in [0, 1]); returns the inversion and
+        keeps it as `__call__`'s default. `noise` (draws, B, 4, h, w): the inversion's draws in diffusers'
+        order (draw k noises the k-th least noisy timestep); without it they come from `seed` / `prng_key`."""
+        self.inversion = self._run_inversion(
+            image, self._source_context, source_prompt, source_guidance_scale, num_inversion_steps, skip,
+            generator, cross_attention_kwargs, clip_skip, height, width, resize_mode, crops_coords, seed,
+            prng_key, noise)
+        return self.inversion
+
     def _source_context(self, source_prompt: str, guidance_scale: float, batch: int, clip_skip,
                         latent_size: tuple[int, int] | None = None):
         """(copies, B, L, D) and copies: [uncond, source] with guidance, else the one estimate used.
 
         Deviation: the reference swaps the two embeddings (it guides away from the source prompt) and
         crashes for a guidance scale <= 1; we guide towards it, and use the source prompt alone then."""
-        source = self._encode_prompts([source_prompt] * batch, clip_skip)
+        source = self.conditioning.encode([source_prompt] * batch, truncation=True, clip_skip=clip_skip)
         if source_prompt == "":
             return source[None], 1
         if guidance_scale <= 1.0:
             return source[None], 1
-        uncond = self._encode_prompts([""] * batch)
+        uncond = self.conditioning.encode([""] * batch, truncation=True)
         return jnp.stack([uncond, source]), 2
 
     def __call__(self, negative_prompt=None, generator=None, output_type: str | None = "pil",
@@ -271,40 +322,6 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
         return self.finish(out, output_type, return_dict, inversion.seed,
                            run_safety_checker=run_safety_checker)
 
-    def _edit_inversion(self, inversion: LEditsPPInversion | None, output_type,
-                        **finite) -> LEditsPPInversion:
-        """The inversion an edit starts from (`inversion`, else the last `invert`'s), once `output_type` is
-        known and the numeric arguments in `finite` are finite (the checks both families' `__call__`
-        share)."""
-        if output_type not in inputs.OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {inputs.OUTPUT_TYPES}, got {output_type!r}")
-        inversion = self.inversion if inversion is None else inversion
-        if inversion is None:
-            raise ValueError("You need to invert an input image first before calling the pipeline. The "
-                             "`invert` method has to be called beforehand, or pass `inversion=`.")
-        inputs.check_finite(**finite)
-        return inversion
-
-    def _edit_latents(self, inversion: LEditsPPInversion, context, k: int, params: LEditsParams, user_mask,
-                      sem_guidance, *, cross_attn: bool, intersect: bool, num_steps: int | None = None,
-                      intersect_every_step: bool = False) -> SampleOutput:
-        """The compiled edit from the inversion with `context` (copies [uncond, concept 0, ...]: an array
-        or SDXL's dict pytree); `num_steps`: only the first steps (diffusers' SDXL `denoising_end`)."""
-        batch, _, h, w = inversion.init_latents.shape
-        mask = user_mask_array(user_mask, (batch, 4, h, w))
-        steps = int(inversion.zs.shape[0]) if num_steps is None else num_steps
-        schedule = inversion.schedule
-        if steps != inversion.zs.shape[0]:
-            schedule = jax.tree.map(lambda a: a[:steps], schedule)
-        replay, replay_steps = self._ledits_replay(sem_guidance, steps, (batch, 4, h, w))
-        nhwc = lambda a, axis: jnp.asarray(np.moveaxis(a, axis, -1))
-        latents, applied = _edit(
-            self._unet[0], self._unet[1], schedule, nhwc(inversion.init_latents, 1),
-            nhwc(inversion.zs[:steps], 2), context, params, mask, replay, jnp.int32(replay_steps),
-            num_concepts=k, cross_attn=cross_attn, intersect=intersect,
-            intersect_every_step=intersect_every_step)
-        return SampleOutput(latents, applied, None)
-
     def _ledits_concepts(self, editing_prompt, embeds, clip_skip):
         """((K, L, D) concept embeddings or None, (K,) own-token counts)."""
         if editing_prompt and embeds is not None:
@@ -314,16 +331,13 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
             expanded = [expand_prompt(self.tokenizer, t) for t in texts]
             ids = self.tokenizer(expanded, truncation=True,
                                  max_length=self.tokenizer.model_max_length).input_ids
-            return self._encode_prompts(texts, clip_skip), [len(row) - 2 for row in ids]
+            tokens = [len(row) - 2 for row in ids]
+            return self.conditioning.encode(texts, truncation=True, clip_skip=clip_skip), tokens
         if embeds is None:
             return None, []
-        expected = (self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
-        array = np.asarray(embeds, np.float32)
-        if array.ndim != 3 or array.shape[0] < 1 or tuple(array.shape[1:]) != expected:
-            raise ValueError(f"`editing_prompt_embeds` must have shape (num_concepts, {expected[0]}, "
-                             f"{expected[1]}), got {array.shape}")
+        array = self.conditioning.concept_embeddings(embeds, "editing_prompt_embeds")
         # No text: every token but start-of-text counts (what the reference sums under transformers 5).
-        return jnp.asarray(array), [expected[0] - 2] * array.shape[0]
+        return array, [self.tokenizer.model_max_length - 2] * array.shape[0]
 
     def _uncond(self, negative_prompt, negative_prompt_embeds, batch: int) -> jax.Array:
         if negative_prompt is not None and negative_prompt_embeds is not None:
@@ -332,24 +346,12 @@ class LEditsPPPipelineStableDiffusion(SemanticStableDiffusionPipeline):
             shape = (batch, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
             return jnp.asarray(inputs.check_array(negative_prompt_embeds, "negative_prompt_embeds", shape))
         if negative_prompt is None or isinstance(negative_prompt, str):
-            return self._encode_prompts([negative_prompt or ""] * batch)
+            return self.conditioning.encode([negative_prompt or ""] * batch, truncation=True)
         negatives = inputs.prompt_list(negative_prompt, "negative_prompt")
         if len(negatives) != batch:
             raise ValueError(f"`negative_prompt` has batch size {len(negatives)}, but expected {batch} based "
                              "on the input images")
-        return self._encode_prompts(negatives)
-
-    def _ledits_replay(self, sem_guidance, steps: int, shape) -> tuple[jax.Array, int]:
-        """((N, B, h, w, 4) guidance to use instead of the concepts' at the first len(sem_guidance) steps,
-        that length)."""
-        replay = np.zeros((steps, *shape), np.float32)
-        if sem_guidance is None:
-            count = 0
-        else:
-            count = min(len(sem_guidance), steps)
-            for i, g in enumerate(list(sem_guidance)[:count]):
-                replay[i] = inputs.check_array(g, f"sem_guidance[{i}]", shape)
-        return jnp.asarray(np.moveaxis(replay, 2, -1)), count
+        return self.conditioning.encode(negatives, truncation=True)
 
 
 def edit_params(k: int, tokens, *, edit_guidance_scale, edit_threshold, edit_warmup_steps,
@@ -367,7 +369,3 @@ def edit_params(k: int, tokens, *, edit_guidance_scale, edit_threshold, edit_war
         k, num_edit_tokens=tokens if k else 1, guidance_rescale=rescale,
         **{key: settings[key] for key in ("edit_guidance_scale", "edit_threshold", "edit_warmup_steps",
                                           "edit_cooldown_steps", "reverse_editing_direction")})
-
-
-def _to_pil(images: np.ndarray) -> list:
-    return [Image.fromarray(np.round(img * 255).astype(np.uint8)) for img in images]

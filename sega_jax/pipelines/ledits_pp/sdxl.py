@@ -1,9 +1,10 @@
 """LEditsPPPipelineStableDiffusionXL: LEDITS++ (invert a photo, then edit it with semantic concepts) on SDXL.
 
-diffusers' `LEditsPPPipelineStableDiffusionXL` with its arguments and defaults, on the SD LEDITS++ pipeline
+diffusers' `LEditsPPPipelineStableDiffusionXL` with its arguments and defaults: `LEditsPPPipeline`
 (`sega_jax.pipelines.ledits_pp.sd`: the same inversion, guidance, implicit masks and compiled programs) with
-SDXL's text conditioning from `sega_jax.pipelines.sega.sdxl` (both encoders' penultimate hidden states side by
-side, the second encoder's pooled projection, the micro-conditioning time ids), as the reference does:
+SDXL's text conditioning (`conditioning.SDXLConditioning`, as the SEGA SDXL pipeline's: both encoders'
+penultimate hidden states side by side, the second encoder's pooled projection, the micro-conditioning time
+ids), as the reference does:
 
 - `invert`: the unconditional copy is the negative prompt's (zeros when none is given and the folder says
   `force_zeros_for_empty_prompt`); a non-empty source prompt guides towards itself; the last
@@ -18,38 +19,29 @@ side, the second encoder's pooled projection, the micro-conditioning time ids), 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sega_jax.core.inversion import LEditsPPInversion
 from sega_jax.loaders.folders import load_components
 from sega_jax.pipelines import inputs
-from sega_jax.pipelines.ledits_pp.sd import (
-    LEditsPPPipelineStableDiffusion,
-    edit_params,
-    ledits_scheduler_kwargs,
-    state_dtype,
-)
-from sega_jax.pipelines.sega.sdxl import SemanticStableDiffusionXLPipeline, micro_conditioning_ids
-
-_XL = SemanticStableDiffusionXLPipeline
+from sega_jax.pipelines.conditioning import SDXLConditioning, delegated, micro_conditioning_ids
+from sega_jax.pipelines.ledits_pp.sd import LEditsPPPipeline, edit_params, ledits_scheduler_kwargs
 
 
-class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
+class LEditsPPPipelineStableDiffusionXL(LEditsPPPipeline):
     """LEDITS++ on SDXL: `invert(image, ...)` once, then `__call__(editing_prompt=[...], ...)`."""
 
     honours_force_upcast = True  # as diffusers' SDXL pipelines: an fp16 VAE decodes in fp32
 
-    # SDXL's conditioning, shared with the SEGA SDXL pipeline (the same attributes back them).
-    _check_embedding_size = _XL._check_embedding_size
-    _encode_xl = _XL._encode_xl
-    _negative = _XL._negative
-    _concept_embeddings = _XL._concept_embeddings
-    _xl_concepts = _XL._concepts
+    text_encoder_2 = delegated("text_encoder_2")
+    tokenizer_2 = delegated("tokenizer_2")
+    force_zeros_for_empty_prompt = delegated("force_zeros_for_empty_prompt")
+    _text_2 = delegated("split_2", "The second text encoder as `nnx.split` gives it.", settable=False)
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
@@ -59,12 +51,9 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
                              "'text_time'); for SD 1.x/2.x use LEditsPPPipelineStableDiffusion")
         if image_encoder is not None:
             raise ValueError("`image_encoder` (IP-Adapter) is not supported")
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, requires_safety_checker=False)
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        self._text_2 = nnx.split(text_encoder_2)
-        self._check_embedding_size()
-        self._invert_xl: dict | None = None  # the XL arguments of the `invert` call in progress
+        conditioning = SDXLConditioning(text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet.config,
+                                        force_zeros_for_empty_prompt)
+        super().__init__(unet, vae, conditioning, scheduler, requires_safety_checker=False)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=None, variant: str | None = None,
@@ -85,19 +74,18 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
                cross_attention_kwargs=None, height: int | None = None, width: int | None = None,
                resize_mode: str | None = "default", crops_coords=None, *, seed: int | None = None,
                prng_key=None, noise=None) -> LEditsPPInversion:
-        """As the SD pipeline's `invert`, with SDXL's negative prompts, micro-conditioning crop and
-        `num_zero_noise_steps` (the last noise maps in editing order set to zero)."""
+        """As the SD pipeline's `invert` (it returns the inversion and keeps it as `__call__`'s default),
+        with SDXL's negative prompts, micro-conditioning crop and `num_zero_noise_steps` (the last noise
+        maps in editing order set to zero)."""
         zero = inputs.check_int(num_zero_noise_steps, "num_zero_noise_steps", minimum=0)
         micro_conditioning_ids((1, 1), crops_coords_top_left, (1, 1), "")  # a bad crop fails before any work
-        self._invert_xl = dict(negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-                               crops_coords_top_left=crops_coords_top_left)
-        try:
-            inversion = super().invert(
-                image, source_prompt, source_guidance_scale, num_inversion_steps, skip, generator,
-                cross_attention_kwargs, None, height, width, resize_mode, crops_coords, seed=seed,
-                prng_key=prng_key, noise=noise)
-        finally:
-            self._invert_xl = None
+        source_context = functools.partial(self._source_context, negative_prompt=negative_prompt,
+                                           negative_prompt_2=negative_prompt_2,
+                                           crops_coords_top_left=crops_coords_top_left)
+        inversion = self._run_inversion(
+            image, source_context, source_prompt, source_guidance_scale, num_inversion_steps, skip,
+            generator, cross_attention_kwargs, None, height, width, resize_mode, crops_coords, seed,
+            prng_key, noise)
         if zero:
             zs = inversion.zs.copy()
             zs[-zero:] = 0.0
@@ -106,31 +94,24 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
         return inversion
 
     def _source_context(self, source_prompt: str, guidance_scale: float, batch: int, clip_skip,
-                        latent_size: tuple[int, int] | None = None):
+                        latent_size: tuple[int, int], *, negative_prompt, negative_prompt_2,
+                        crops_coords_top_left):
         """({"context", "text_embeds", "time_ids"} each (copies, B, ...), copies): [uncond] for an empty
         source prompt (as the reference), [uncond, source] with guidance, else the source alone (the
-        reference then uses the unconditional estimate alone, ignoring the prompt)."""
-        args = self._invert_xl or {}
+        reference then uses the unconditional estimate alone, ignoring the prompt). `clip_skip` is None:
+        diffusers' SDXL inversion has none."""
         size = tuple(n * self.vae_scale_factor for n in latent_size)
-        crop = args.get("crops_coords_top_left", (0, 0))
-        ids = jnp.broadcast_to(micro_conditioning_ids(size, crop, size, ""), (batch, 6))
+        ids = jnp.broadcast_to(micro_conditioning_ids(size, crops_coords_top_left, size, ""), (batch, 6))
         prompts = [source_prompt] * batch
-        uncond = self._negative(args.get("negative_prompt"), args.get("negative_prompt_2"), prompts,
-                                self._zero_text(batch))
+        uncond = self.conditioning.negative(negative_prompt, negative_prompt_2, prompts,
+                                            self.conditioning.zeros(batch))
         if source_prompt == "":
             copies = [uncond]
         else:
-            text = self._encode_xl(prompts, prompts)
+            text = self.conditioning.encode(prompts, prompts)
             copies = [text] if guidance_scale <= 1.0 else [uncond, text]
         copies = [dict(c, time_ids=ids) for c in copies]
         return jax.tree.map(lambda *xs: jnp.stack([x.astype(xs[0].dtype) for x in xs]), *copies), len(copies)
-
-    def _zero_text(self, batch: int) -> dict:
-        """Zero conditioning of the encoders' shapes (what `_negative` zeroes for an absent prompt)."""
-        hidden = (batch, self.tokenizer.model_max_length, self.unet.config.cross_attention_dim[0])
-        return {"context": jnp.zeros(hidden, state_dtype(self._text[1])),
-                "text_embeds": jnp.zeros((batch, self.text_encoder_2.config.projection_dim),
-                                         state_dtype(self._text_2[1]))}
 
     # -- edit -------------------------------------------------------------------------------------------
 
@@ -203,8 +184,8 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
         """({"context": (K, L, D), "text_embeds": (K, P)} or None, (K,) own-token counts)."""
         if editing_prompt and (hidden is not None or pooled is not None):
             raise ValueError("pass either `editing_prompt` or `editing_prompt_embeddings`, not both")
-        concepts = self._xl_concepts(editing_prompt, self._concept_embeddings(hidden, pooled), 1, 1,
-                                     clip_skip=clip_skip)
+        embeddings = self.conditioning.concept_embeddings(hidden, pooled)
+        concepts = self.conditioning.concepts(editing_prompt, embeddings, clip_skip=clip_skip)
         if concepts is None:
             return None, []
         if editing_prompt:
@@ -221,9 +202,10 @@ class LEditsPPPipelineStableDiffusionXL(LEditsPPPipelineStableDiffusion):
             if embeds is None or pooled is None:
                 raise ValueError("`negative_prompt_embeds` need `negative_pooled_prompt_embeds` (and the "
                                  "other way round)")
-            zero = self._zero_text(batch)
+            zero = self.conditioning.zeros(batch)
             return {"context": jnp.asarray(inputs.check_array(embeds, "negative_prompt_embeds",
                                                               zero["context"].shape)),
                     "text_embeds": jnp.asarray(inputs.check_array(pooled, "negative_pooled_prompt_embeds",
                                                                   zero["text_embeds"].shape))}
-        return self._negative(negative_prompt, negative_prompt_2, [""] * batch, self._zero_text(batch))
+        return self.conditioning.negative(negative_prompt, negative_prompt_2, [""] * batch,
+                                          self.conditioning.zeros(batch))

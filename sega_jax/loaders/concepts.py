@@ -173,7 +173,7 @@ def load_textual_inversion(pipe, source, token: str | None = None, *, weight_nam
     for name, embeddings in read:
         add_tokens(tokenizer, text_encoder, name, embeddings)
         added.append(name)
-    pipe._refresh_text_encoders()
+    pipe.conditioning.refresh()
     return added
 
 
@@ -279,7 +279,7 @@ def learn(pipe, images, placeholder_token: str, initializer_token: str, *, num_v
     table = _token_embedding(pipe.text_encoder).weight
     init = np.repeat(np.asarray(table[init_ids[0]], np.float32)[None], num_vectors, axis=0)
     first_id = add_tokens(pipe.tokenizer, pipe.text_encoder, placeholder_token, init)[0]
-    pipe._refresh_text_encoders()
+    pipe.conditioning.refresh()
 
     size = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     vae_graph, vae_state = nnx.split(pipe.vae)
@@ -309,7 +309,7 @@ def learn(pipe, images, placeholder_token: str, initializer_token: str, *, num_v
     loss_after = _fixed_loss(rows, models, every, jax.random.key(seed + 1), v_prediction)
     learned = np.asarray(rows, np.float32)
     _set_rows(pipe.text_encoder, first_id, learned)
-    pipe._refresh_text_encoders()
+    pipe.conditioning.refresh()
     return LearnResult(placeholder_token, learned, np.asarray(jax.device_get(losses), np.float32),
                        float(loss_before), float(loss_after))
 

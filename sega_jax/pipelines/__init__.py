@@ -1,10 +1,12 @@
 """The pipelines: all Python-side I/O (loading, tokenizing, images in and out) around the compiled programs.
 
-`registry` (the families and `load_pipeline`), `base` (what every family's pipeline shares), one folder per
-method: `sega/` (`sd`, `sdxl`), `ledits_pp/` (`sd`, `sdxl`); `parallel` (data-parallel generation and
-sweeps over devices), `null_text` (inversion for the SEGA pipelines), `gradients` (the loop as a
-differentiable function). May import `builtin`, `loaders`, `core`, `models`, `schedulers`, `runtime`; never
-`settings` or the entry points.
+`registry` (the families and `load_pipeline`), `base` (what every pipeline shares), `conditioning` (SD's and
+SDXL's text conditioning, a component each family's pipelines hold), one folder per method: `sega/` (`sd`:
+`SegaPipeline` and SD's class, `sdxl`), `ledits_pp/` (`sd`: `LEditsPPPipeline` and SD's class, `sdxl`);
+`parallel` (data-parallel generation and sweeps over devices), `placement` (meshes, device lists),
+`null_text` (inversion for the SEGA pipelines), `gradients` (the loop as a differentiable function),
+`inputs` (argument checks). May import `builtin`, `loaders`, `core`, `models`, `schedulers`, `runtime`;
+never `settings` or the entry points.
 """
 
 from sega_jax.pipelines.ledits_pp.sd import LEditsPPPipelineStableDiffusion

@@ -191,7 +191,7 @@ class PipelineBase:
         lora.apply(state, self._lora_models(), previous=self._lora_state)
         self._lora = state
         self._unet = nnx.split(self.unet)
-        self._refresh_text_encoders()
+        self.conditioning.refresh()  # the text encoders' new weights
 
     # -- learned concepts (sega_jax.loaders.concepts): textual inversion tokens --------------------------
 
@@ -201,10 +201,6 @@ class PipelineBase:
         return load_textual_inversion(self, pretrained_model_name_or_path, token, weight_name=weight_name,
                                       allow_pickle=allow_pickle, tokenizer=tokenizer,
                                       text_encoder=text_encoder)
-
-    def _refresh_text_encoders(self) -> None:
-        """Re-split the text encoders after their parameters changed (LoRA, new token rows)."""
-        self.conditioning.refresh()
 
     # -- noise, progress, decoding and output ------------------------------------------------------------
 

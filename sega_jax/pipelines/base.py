@@ -123,6 +123,7 @@ class PipelineBase:
                 "a `safety_checker` needs its `feature_extractor` (the CLIP image preprocessing)"
             )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = vae.config.latent_channels  # 4 for SD and SDXL; never a literal
         self._progress = {}
         if safety_checker is None and requires_safety_checker:
             logging.getLogger(type(self).__module__).warning(  # the pipeline's module, as in diffusers
@@ -220,10 +221,11 @@ class PipelineBase:
             )
         keys = jax.vmap(lambda j: jax.random.fold_in(prng_key, j))(jnp.asarray(indices, jnp.uint32))
         if latents is None:
-            draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), (4, h, w), jnp.float32)
+            shape = (self.latent_channels, h, w)
+            draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape, jnp.float32)
             noise = jax.vmap(draw)(keys)
         else:
-            noise = jnp.asarray(inputs.check_array(latents, "latents", (batch, 4, h, w)))
+            noise = jnp.asarray(inputs.check_array(latents, "latents", (batch, self.latent_channels, h, w)))
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         return jnp.transpose(noise, (0, 2, 3, 1)), step_keys, seed
 

@@ -185,10 +185,10 @@ class LEditsPPPipeline(PipelineBase):
         if noise is not None:
             if seed is not None or prng_key is not None:
                 raise ValueError("pass `noise` or `seed` / `prng_key`, not both")
-            array = inputs.check_array(noise, "noise", (steps, batch, 4, h, w))
+            array = inputs.check_array(noise, "noise", (steps, batch, self.latent_channels, h, w))
             return None, jnp.asarray(np.moveaxis(array, 2, -1))
         _, keys, seed = self._noise(None, seed, prng_key, batch, h, w)
-        draw = lambda key: jax.random.normal(key, (steps, h, w, 4), jnp.float32)
+        draw = lambda key: jax.random.normal(key, (steps, h, w, self.latent_channels), jnp.float32)
         return seed, jnp.swapaxes(jax.vmap(draw)(keys), 0, 1)
 
     def _edit_inversion(self, inversion: LEditsPPInversion | None, output_type,
@@ -211,12 +211,12 @@ class LEditsPPPipeline(PipelineBase):
         """The compiled edit from the inversion with `context` (copies [uncond, concept 0, ...]: an array
         or SDXL's dict pytree); `num_steps`: only the first steps (diffusers' SDXL `denoising_end`)."""
         batch, _, h, w = inversion.init_latents.shape
-        mask = user_mask_array(user_mask, (batch, 4, h, w))
+        mask = user_mask_array(user_mask, (batch, self.latent_channels, h, w))
         steps = int(inversion.zs.shape[0]) if num_steps is None else num_steps
         schedule = inversion.schedule
         if steps != inversion.zs.shape[0]:
             schedule = jax.tree.map(lambda a: a[:steps], schedule)
-        replay, replay_steps = self._ledits_replay(sem_guidance, steps, (batch, 4, h, w))
+        replay, replay_steps = self._ledits_replay(sem_guidance, steps, (batch, self.latent_channels, h, w))
         nhwc = lambda a, axis: jnp.asarray(np.moveaxis(a, axis, -1))
         latents, applied = _edit(
             self._unet[0], self._unet[1], schedule, nhwc(inversion.init_latents, 1),

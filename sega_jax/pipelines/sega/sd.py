@@ -167,7 +167,8 @@ class SegaPipeline(PipelineBase):
         if num_concepts:
             names = inputs.concept_names(editing_prompt, num_concepts)
             inputs.warn_ineffective_concepts(settings, loop_steps, names, stacklevel=3)
-        replay = self._replay(sem_guidance, loop_steps, steps, (batch, 4, h, w)) if do_cfg else None
+        shape = (batch, self.latent_channels, h, w)
+        replay = self._replay(sem_guidance, loop_steps, steps, shape) if do_cfg else None
         context = self.conditioning.context(prompts, negative_prompt, prompt, per_prompt, do_cfg, concepts,
                                             size=(h * self.vae_scale_factor, w * self.vae_scale_factor),
                                             **text_args)

@@ -43,7 +43,7 @@ def pytest_runtest_makereport(item, call):
 TORCH_FREE_LEG = os.environ.get("SEGA_JAX_TORCH_FREE") == "1"
 _NEEDS_TORCH = re.compile(
     r"^\s*(import|from)\s+(torch|diffusers)\b|importorskip\(\s*[\"'](torch|diffusers)"
-    r"|sega_jax\.(testing\.)?reference|tests\.tiny_pipeline|tests\.(scheduler|clip|sega)_cases"
+    r"|sega_jax\.(testing\.)?reference|tests\.tiny_pipeline|tests\.(scheduler|clip|sega|lora)_cases"
     r"|^from tests\.test_\w+ import",
     re.MULTILINE,
 )

@@ -1,6 +1,7 @@
 """LoRA weights: parity with diffusers' `load_lora_weights` (and peft for the text encoders, whose diffusers
-path needs a newer peft than transformers 5 accepts here) on tiny random SD and SDXL pipelines, for
-diffusers/peft and kohya files; adapters with weights, fuse/unfuse/unload, errors, and no recompilation."""
+path needs a newer peft than transformers 5 accepts here) on tiny random SD pipelines (SDXL:
+test_lora_sdxl.py), for diffusers/peft and kohya files; adapters with weights, fuse/unfuse/unload, errors,
+and no recompilation."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -21,65 +21,14 @@ from sega_jax import load_pipeline
 from sega_jax.cli import generate as cli
 from sega_jax.loaders.lora import LoraError
 from sega_jax.pipelines.sega.sd import TRACE_COUNT
-from sega_jax.testing.reference import save_reference, save_reference_xl
+from sega_jax.testing.reference import save_reference
 from tests.helpers import max_rel_diff
+from tests.lora_cases import KW, TE_CFG, clip_name, kohya, noise, random_lora, run_ours, run_torch, with_peft
 
-STEPS = 3
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 UNET_CFG = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=UNET_TARGETS)
 UNET_CFG_2 = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_k", "to_v", "conv2"])
-TE_CFG = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=TE_TARGETS)
-
-
-def random_lora(module, config: LoraConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A random peft LoRA for `module` (peft's keys, without adapter name); it changes the latents by ~50%."""
-    module = copy.deepcopy(module)
-    torch.manual_seed(seed)
-    inject_adapter_in_model(config, module, adapter_name="tmp")
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, adapter_name="tmp").items()}
-
-
-def with_peft(module, config: LoraConfig, state: dict):
-    """A copy of `module` with the LoRA applied by peft (the torch side's text encoders)."""
-    module = copy.deepcopy(module)
-    inject_adapter_in_model(config, module, adapter_name="x")
-    result = set_peft_model_state_dict(module, state, adapter_name="x")
-    assert not result.unexpected_keys
-    return module
-
-
-def clip_name(module: str) -> str:
-    """transformers 5 leaves `text_model.` off CLIPTextModel's module paths; kohya's names have it."""
-    return module if module.startswith("text_model.") else f"text_model.{module}"
-
-
-def kohya(prefix: str, state: dict, alpha: float, rename=lambda m: m) -> dict[str, torch.Tensor]:
-    """peft keys in kohya's format: `<prefix><flat module>.lora_down.weight / lora_up.weight / alpha`."""
-    out = {}
-    for key, value in state.items():
-        module, role = key.rsplit(".lora_", 1)
-        flat = prefix + rename(module).replace(".", "_")
-        out[f"{flat}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = value
-        out[f"{flat}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-def noise(batch: int = 1) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, 4, 8, 8), dtype=np.float32)
-
-
-KW = dict(prompt="a photo of a cat", num_inference_steps=STEPS, height=16, width=16, output_type="latent")
-
-
-def run_ours(pipe, **kw) -> np.ndarray:
-    return np.asarray(pipe(**{**KW, "latents": noise(), **kw}).images)
-
-
-def run_torch(pipe) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(latents=torch.from_numpy(noise()), **KW).images.numpy()
 
 
 def weights(pipe) -> dict[str, np.ndarray]:
@@ -323,85 +272,3 @@ def test_edit_command_lora_flag_equals_ledits_with_the_adapter(sd, tmp_path):
                   use_intersect_mask=False).images[0]
     np.testing.assert_array_equal(np.asarray(png), np.asarray(expected))
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(png))
-
-
-# -- SDXL ------------------------------------------------------------------------------------------------
-
-
-def sgm_name(module: str, layers_per_block: int = 1) -> str:
-    """diffusers' UNet module path in the original (SGM) layout kohya's SDXL trainers write."""
-    per = layers_per_block + 1
-    parts = module.split(".")
-    if parts[0] == "down_blocks":
-        i = 1 + int(parts[1]) * per + int(parts[3])
-        return f"input_blocks.{i}.{1 if parts[2] == 'attentions' else 0}.{'.'.join(parts[4:])}"
-    if parts[0] == "up_blocks":
-        i = int(parts[1]) * per + int(parts[3])
-        return f"output_blocks.{i}.{1 if parts[2] == 'attentions' else 0}.{'.'.join(parts[4:])}"
-    if parts[0] == "mid_block":
-        index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
-        return f"middle_block.{index}.{'.'.join(parts[3:])}"
-    raise AssertionError(module)
-
-
-XL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
-XL_UNET_CFG = LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=XL_TARGETS)
-
-
-@pytest.fixture(scope="module")
-def xl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lora-xl")
-    reference = save_reference_xl(folder)
-    ours = load_pipeline(folder)
-    ours.set_progress_bar_config(disable=True)
-    unet_state = random_lora(reference.unet, XL_UNET_CFG, 11)
-    te_state = random_lora(reference.text_encoder, TE_CFG, 12)
-    te2_state = random_lora(reference.text_encoder_2, TE_CFG, 13)
-    files = tmp_path_factory.mktemp("lora-xl-files")
-    StableDiffusionXLPipeline.save_lora_weights(
-        files / "all", unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
-        text_encoder_2_lora_layers=te2_state, unet_lora_adapter_metadata=XL_UNET_CFG.to_dict(),
-        text_encoder_lora_adapter_metadata=TE_CFG.to_dict(),
-        text_encoder_2_lora_adapter_metadata=TE_CFG.to_dict())
-    StableDiffusionXLPipeline.save_lora_weights(files / "unet", unet_lora_layers=unet_state,
-                                                unet_lora_adapter_metadata=XL_UNET_CFG.to_dict())
-    save_file(kohya("lora_unet_", unet_state, 2, sgm_name), files / "kohya_unet.safetensors")
-    save_file({**kohya("lora_unet_", unet_state, 2, sgm_name), **kohya("lora_te1_", te_state, 4, clip_name),
-               **kohya("lora_te2_", te2_state, 4, clip_name)}, files / "kohya_all.safetensors")
-    return dict(ours=ours, reference=reference, files=files, te_state=te_state, te2_state=te2_state)
-
-
-def torch_xl(xl, **replace) -> StableDiffusionXLPipeline:
-    parts = {**xl["reference"].components, "unet": copy.deepcopy(xl["reference"].unet), **replace}
-    return StableDiffusionXLPipeline(**parts)
-
-
-def test_sdxl_unet_and_both_text_encoders_match(xl):
-    ours, ref = xl["ours"], xl["reference"]
-    reference = torch_xl(xl, text_encoder=with_peft(ref.text_encoder, TE_CFG, xl["te_state"]),
-                         text_encoder_2=with_peft(ref.text_encoder_2, TE_CFG, xl["te2_state"]))
-    reference.load_lora_weights(xl["files"] / "unet")
-    expected = run_torch(reference)
-    try:
-        ours.load_lora_weights(xl["files"] / "all")
-        got = run_ours(ours)
-        assert max_rel_diff(got, expected) <= 1e-4
-        ours.unload_lora_weights()
-        ours.load_lora_weights(xl["files"] / "kohya_all.safetensors")
-        assert max_rel_diff(run_ours(ours), got) <= 1e-6
-    finally:
-        ours.unload_lora_weights()
-
-
-def test_sdxl_kohya_sgm_names_match_diffusers_kohya_loader(xl):
-    ours = xl["ours"]
-    reference = torch_xl(xl)
-    reference.load_lora_weights(xl["files"] / "kohya_unet.safetensors")
-    expected = run_torch(reference)
-    try:
-        ours.load_lora_weights(xl["files"] / "kohya_unet.safetensors", adapter_name="k")
-        ours.fuse_lora()
-        assert max_rel_diff(run_ours(ours), expected) <= 1e-4
-    finally:
-        ours.unfuse_lora()
-        ours.unload_lora_weights()
